@@ -1,0 +1,28 @@
+"""lrs: low-rank plus sparse model personalization in JAX."""
+
+from lrs import metrics, synthetic
+from lrs.amht import AMHTInfo, AMHTState, fit, init, personalize, step
+from lrs.config import AMHTConfig
+from lrs.data import UserData
+from lrs.errors import FitError
+from lrs.params import LRSParams, SparseRows, predict, weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AMHTConfig",
+    "AMHTInfo",
+    "AMHTState",
+    "FitError",
+    "LRSParams",
+    "SparseRows",
+    "UserData",
+    "fit",
+    "init",
+    "metrics",
+    "personalize",
+    "predict",
+    "step",
+    "synthetic",
+    "weights",
+]

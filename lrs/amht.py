@@ -1,0 +1,294 @@
+"""AMHT-LRS: alternating minimization with hard thresholding.
+
+    U   <- top-r eigenvectors of sum_ij y_ij^2 x_ij x_ij^T        (moment_init)
+    V,B <- per user: v_i, k-sparse b_i given U                    (per_user_step)
+    repeat:
+      U   <- least squares given V, B; re-orthonormalize          (shared.update_U)
+      V,B <- per user given the new U                             (per_user_step)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrs import metrics, peruser
+from lrs.chunking import map_user_chunks
+from lrs.config import AMHTConfig
+from lrs.data import UserData
+from lrs.errors import FitError
+from lrs.linalg import orthonormalize
+from lrs.params import LRSParams, SparseRows
+from lrs.shared import moment_init, update_U
+from lrs.validation import check_data, check_init, check_truth
+
+
+class AMHTState(NamedTuple):
+    """Iterate of AMHT-LRS; V and the sparse part are optimal for U."""
+
+    U: jax.Array  # (d, r)
+    V: jax.Array  # (t, r)
+    indices: jax.Array  # (t, k) int32
+    values: jax.Array  # (t, k)
+    loss: jax.Array  # () mean squared training residual
+    half_step: jax.Array  # () int32, counts steps for fresh_samples batches
+
+
+class AMHTInfo(NamedTuple):
+    """Diagnostics of one iteration (stacked over iterations by :func:`fit`)."""
+
+    loss: jax.Array  # mean squared residual over all training samples
+    u_change: jax.Array  # subspace distance between successive U
+    cg_iters: jax.Array  # CG products in the shared step
+    relative_error: jax.Array  # ||W - W*||_F / ||W*||_F (NaN without truth)
+    subspace_distance: jax.Array  # sin of largest angle U vs U* (NaN without truth)
+
+
+def _batch_mask(data: UserData, config: AMHTConfig, half_step) -> jax.Array:
+    """The samples used at ``half_step`` under ``fresh_samples`` splitting."""
+    n = config.fresh_samples
+    if n <= 1:
+        return data.mask
+    rank = jnp.cumsum(data.mask, axis=1) - 1
+    count = jnp.maximum(jnp.sum(data.mask, axis=1, keepdims=True), 1)
+    return data.mask & ((rank * n) // count == half_step % n)
+
+
+def _chunk(data: UserData, config: AMHTConfig) -> int:
+    _, m, d = data.X.shape
+    return config.chunk_size(m, d, data.X.dtype.itemsize)
+
+
+def per_user_step(data: UserData, U, warm, config: AMHTConfig, extra_steps: int = 0):
+    """Fits every user's ``v_i`` and k-sparse ``b_i`` given ``U``.
+
+    Args:
+      warm: ``(t, k)`` previous supports, or None for a cold start.
+
+    Returns:
+      ``(V (t, r), indices (t, k), values (t, k), total squared residual)``.
+    """
+    k, steps = config.sparsity, config.inner_steps + extra_steps
+
+    def fn(args, fresh):
+        X, y, mask, support = args
+        X = jnp.where(mask[..., None], X, 0)
+        y = jnp.where(mask, y, 0)
+        A = X @ U
+        if support is None:
+            support = jax.vmap(peruser.cold_support, (0, 0, 0, None, None))(
+                A, X, y, k, config.ridge
+            )
+        fits = jax.vmap(peruser.pursue, (0, 0, 0, 0, None, None))(
+            A, X, y, support, steps, config.ridge
+        )
+        fits = _rescue_worst(X, y, U, fits, config)
+        return fits, jnp.sum(fits.sq_residual * fresh)
+
+    args = (data.X, data.y, data.mask, warm)
+    fits, total = map_user_chunks(fn, args, _chunk(data, config))
+    return fits.v, fits.support, fits.b, total
+
+
+def _rescue_worst(X, y, U, fits: peruser.UserFit, config: AMHTConfig):
+    """Runs :func:`peruser.rescue` on the chunk's users with the worst fit."""
+    c = X.shape[0]
+    n = min(c, math.ceil(config.rescue_fraction * c))
+    if n == 0 or config.sparsity == 0:
+        return fits
+    score = fits.sq_residual / (jnp.sum(y * y, axis=1) + jnp.finfo(y.dtype).tiny)
+    _, worst = jax.lax.top_k(score, n)
+    rescue = functools.partial(
+        peruser.rescue, steps=config.inner_steps + 2, l1_steps=config.l1_steps,
+        ridge=config.ridge,
+    )
+    subset = jax.tree.map(lambda a: a[worst], fits)
+    better = jax.vmap(rescue, (0, 0, None, 0))(X[worst], y[worst], U, subset)
+    return jax.tree.map(lambda a, b: a.at[worst].set(b), fits, better)
+
+
+def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
+    """Initial U (moments, random or given) and the per-user fit against it."""
+    d = data.X.shape[2]
+    if config.init == "given":
+        U = orthonormalize(U0)[0]
+    elif config.init == "random":
+        U = orthonormalize(jax.random.normal(key, (d, config.rank), data.X.dtype))[0]
+    else:
+        solver = config.init_eigensolver
+        if solver == "auto":
+            solver = "dense" if d <= 4096 else "subspace"
+        masked = data._replace(mask=_batch_mask(data, config, 0))
+        U = moment_init(
+            masked, config.rank, key, eigensolver=solver, iters=config.init_iters,
+            chunk_size=_chunk(data, config),
+        )
+    masked = data._replace(mask=_batch_mask(data, config, 1))
+    V, idx, val, sq = per_user_step(masked, U, None, config)
+    half = jnp.asarray(2, jnp.int32)
+    return AMHTState(U, V, idx, val, sq / jnp.sum(masked.mask), half)
+
+
+def step(state: AMHTState, data: UserData, config: AMHTConfig):
+    """One iteration: the shared U step, then the per-user step."""
+    _, cg_tol = config.tolerances(data.X.dtype)
+    chunk = _chunk(data, config)
+    shared_data = data._replace(mask=_batch_mask(data, config, state.half_step))
+    U, V, stats = update_U(
+        shared_data, state.U, state.V, state.indices, state.values,
+        ridge=config.ridge, solver=config.u_solver, max_iters=config.cg_iters,
+        tol=cg_tol, chunk_size=chunk,
+    )
+    user_data = data._replace(mask=_batch_mask(data, config, state.half_step + 1))
+    V, idx, val, sq = per_user_step(user_data, U, state.indices, config)
+    loss = sq / jnp.sum(user_data.mask)
+    new = AMHTState(U, V, idx, val, loss, state.half_step + 2)
+    nan = jnp.full((), jnp.nan, U.dtype)
+    info = AMHTInfo(loss, metrics.subspace_distance(state.U, U), stats.cg_iters, nan, nan)
+    return new, info
+
+
+def _params(state: AMHTState, d: int) -> LRSParams:
+    return LRSParams(state.U, state.V, SparseRows(state.indices, state.values, d))
+
+
+def _with_truth(info: AMHTInfo, state: AMHTState, truth, d: int) -> AMHTInfo:
+    if truth is None:
+        return info
+    params = _params(state, d)
+    return info._replace(
+        relative_error=metrics.relative_error(params, truth),
+        subspace_distance=metrics.subspace_distance(state.U, truth.U),
+    )
+
+
+_REPORTER: list[Callable] = []
+
+
+def _report(i, info):
+    if _REPORTER:
+        _REPORTER[-1](int(i), jax.tree.map(lambda a: np.asarray(a).item(), info))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "report"))
+def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
+    d = data.X.shape[2]
+    tol, _ = config.tolerances(data.X.dtype)
+    state = init(data, config, key, U0)
+    nan = jnp.full((), jnp.nan, data.X.dtype)
+    info0 = AMHTInfo(state.loss, nan, jnp.zeros((), jnp.int32), nan, nan)
+    info0 = _with_truth(info0, state, truth, d)
+    if report:
+        jax.debug.callback(_report, 0, info0, ordered=True)
+    history = jax.tree.map(
+        lambda a: jnp.full((config.num_iters + 1,), jnp.nan, a.dtype).at[0].set(a)
+        if jnp.issubdtype(a.dtype, jnp.floating)
+        else jnp.zeros((config.num_iters + 1,), a.dtype).at[0].set(a),
+        info0,
+    )
+
+    def cond(carry):
+        i, state, _, change = carry
+        return (i < config.num_iters) & (change >= tol) & jnp.isfinite(state.loss)
+
+    def body(carry):
+        i, state, history, _ = carry
+        state, info = step(state, data, config)
+        info = _with_truth(info, state, truth, d)
+        if report:
+            jax.debug.callback(_report, i + 1, info, ordered=True)
+        history = jax.tree.map(lambda h, a: h.at[i + 1].set(a), history, info)
+        return i + 1, state, history, info.u_change
+
+    init_carry = (jnp.zeros((), jnp.int32), state, history, jnp.asarray(jnp.inf, nan.dtype))
+    done, state, history, _ = jax.lax.while_loop(cond, body, init_carry)
+    return _params(state, d), history, done
+
+
+def fit(
+    data: UserData,
+    config: AMHTConfig,
+    *,
+    key=None,
+    callback: Callable[[int, AMHTInfo], None] | None = None,
+    truth: LRSParams | None = None,
+):
+    """Fits AMHT-LRS: the whole loop is one jitted program.
+
+    Args:
+      data: the users' data.
+      config: an :class:`AMHTConfig`.
+      key: ``jax.random`` key (used by ``init='random'`` and the matrix-free
+        initialization); default ``jax.random.key(0)``.
+      callback: called as ``callback(iteration, info)`` after the initialization
+        (iteration 0) and every iteration, with ``info`` an :class:`AMHTInfo` of
+        Python floats; e.g. to draw a progress bar.
+      truth: planted parameters; when given, the diagnostics track the relative
+        error and the subspace distance to them.
+
+    Returns:
+      ``(params, diagnostics)``: :class:`LRSParams` and an :class:`AMHTInfo` of
+      numpy arrays, entry ``i`` after iteration ``i`` (0 = initialization).
+
+    Raises:
+      ValueError: on bad data or configuration (the message names the argument).
+      FitError: if the iterates become non-finite (names the iteration).
+    """
+    if not isinstance(config, AMHTConfig):
+        raise ValueError(f"config must be an lrs.AMHTConfig; got {type(config).__name__}")
+    data = check_data(data, config)
+    t, _, d = data.X.shape
+    U0 = None
+    if not isinstance(config.init, str):
+        U0 = jnp.asarray(check_init(config.init, d, config.rank, data.X.dtype))
+        config = dataclasses.replace(config, init="given")
+    if truth is not None:
+        check_truth(truth, t, d)
+    key = jax.random.key(0) if key is None else key
+    if callback is not None:
+        _REPORTER.append(callback)
+    try:
+        params, history, done = _fit(data, config, key, U0, truth, callback is not None)
+        jax.block_until_ready(params)
+        jax.effects_barrier()
+    finally:
+        if callback is not None:
+            _REPORTER.pop()
+    n = int(done) + 1
+    diagnostics = jax.tree.map(lambda h: np.asarray(h)[:n], history)
+    _raise_if_nonfinite(params, diagnostics)
+    return params, diagnostics
+
+
+def _raise_if_nonfinite(params: LRSParams, diagnostics: AMHTInfo) -> None:
+    bad = np.flatnonzero(~np.isfinite(diagnostics.loss))
+    if bad.size:
+        raise FitError(f"the fit became non-finite at iteration {bad[0]}")
+    if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(params)):
+        raise FitError(f"the fit became non-finite at iteration {len(diagnostics.loss) - 1}")
+
+
+def personalize(U, data_new: UserData, config: AMHTConfig):
+    """Cold start: fits ``(V_new (t, r), B_new SparseRows)`` for new users, U fixed."""
+    data_new = check_data(data_new, config, name="data_new")
+    U = jnp.asarray(U, data_new.X.dtype)
+    d = data_new.X.shape[2]
+    if U.shape != (d, config.rank):
+        raise ValueError(f"U must have shape (d, rank) = {(d, config.rank)}; got {U.shape}")
+    cfg = config if isinstance(config.init, str) else dataclasses.replace(config, init="given")
+    V, idx, val = _personalize(U, data_new, cfg)
+    return V, SparseRows(idx, val, d)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _personalize(U, data, config):
+    V, idx, val, _ = per_user_step(data, U, None, config, extra_steps=3)
+    V, idx, val, _ = per_user_step(data, U, idx, config)
+    return V, idx, val

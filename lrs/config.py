@@ -1,0 +1,129 @@
+"""Configuration of AMHT-LRS."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+_U_SOLVERS = ("cg", "dense")
+_EIGENSOLVERS = ("auto", "dense", "subspace")
+
+
+@dataclasses.dataclass(frozen=True)
+class AMHTConfig:
+    """Settings of AMHT-LRS; frozen and hashable so ``jit`` treats it as static.
+
+    Attributes:
+      rank: r, columns of the shared factor U (``1 <= rank < d``).
+      sparsity: k, nonzeros of each user's sparse part (``0 <= sparsity < d``).
+      num_iters: maximum outer iterations (shared step + per-user step).
+      tol: stop when the subspace distance between successive U falls below
+        ``tol``; ``None`` picks 1e-5 in float32 and 1e-10 in float64; 0 never stops.
+      inner_steps: subspace-pursuit steps per user per iteration.
+      init: ``'moments'`` (top eigenvectors of ``sum y^2 x x^T``), ``'random'``
+        or a ``(d, rank)`` array to start from.
+      fresh_samples: split each user's samples into this many disjoint batches
+        and use batch ``h mod fresh_samples`` for half-step ``h`` (as the theory
+        assumes); 0 or 1 uses all samples every time.
+      ridge: l2 penalty added to every least-squares solve (per-user and U).
+      u_solver: ``'cg'`` (matrix-free preconditioned conjugate gradients, one
+        data pass per product) or ``'dense'`` (forms the (d r)^2 normal matrix;
+        small problems and testing only).
+      cg_iters: maximum CG products per shared step.
+      cg_tol: relative residual at which CG stops; ``None``: 1e-5 / 1e-10.
+      rescue_fraction: fraction of each chunk's users, those with the largest
+        relative residual, that get the stronger solver every iteration.
+      l1_steps: FISTA steps of the l1 candidate in that solver (0 disables it).
+      user_chunk_size: users processed at once; ``None`` picks the number whose
+        data fills ``chunk_bytes``.
+      chunk_bytes: memory budget of one chunk of X when ``user_chunk_size`` is None.
+      init_eigensolver: ``'dense'`` eigendecomposition of the d x d moment
+        matrix, ``'subspace'`` iteration (matrix-free), or ``'auto'`` (dense
+        for d <= 4096).
+      init_iters: subspace-iteration rounds of the matrix-free initialization.
+    """
+
+    rank: int
+    sparsity: int
+    num_iters: int = 30
+    tol: float | None = None
+    inner_steps: int = 2
+    init: object = "moments"
+    fresh_samples: int = 0
+    ridge: float = 0.0
+    u_solver: str = "cg"
+    cg_iters: int = 25
+    cg_tol: float | None = None
+    rescue_fraction: float = 0.05
+    l1_steps: int = 100
+    user_chunk_size: int | None = None
+    chunk_bytes: int = 256 * 2**20
+    init_eigensolver: str = "auto"
+    init_iters: int = 40
+
+    def __post_init__(self):
+        _check_int("rank", self.rank, 1)
+        _check_int("sparsity", self.sparsity, 0)
+        _check_int("num_iters", self.num_iters, 0)
+        _check_int("inner_steps", self.inner_steps, 0)
+        _check_int("fresh_samples", self.fresh_samples, 0)
+        _check_int("cg_iters", self.cg_iters, 1)
+        _check_int("l1_steps", self.l1_steps, 0)
+        _check_int("init_iters", self.init_iters, 1)
+        _check_int("chunk_bytes", self.chunk_bytes, 1)
+        if self.user_chunk_size is not None:
+            _check_int("user_chunk_size", self.user_chunk_size, 1)
+        for name in ("tol", "cg_tol"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0 or None; got {value!r}")
+        if not (np.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
+        if not 0 <= self.rescue_fraction <= 1:
+            raise ValueError(
+                f"rescue_fraction must lie in [0, 1]; got {self.rescue_fraction!r}"
+            )
+        if self.u_solver not in _U_SOLVERS:
+            raise ValueError(f"u_solver must be one of {_U_SOLVERS}; got {self.u_solver!r}")
+        if self.init_eigensolver not in _EIGENSOLVERS:
+            raise ValueError(
+                f"init_eigensolver must be one of {_EIGENSOLVERS}; "
+                f"got {self.init_eigensolver!r}"
+            )
+        if isinstance(self.init, str):
+            if self.init not in ("moments", "random", "given"):
+                raise ValueError(
+                    f"init must be 'moments', 'random' or a (d, rank) array; "
+                    f"got {self.init!r}"
+                )
+        elif np.ndim(self.init) != 2 or np.shape(self.init)[1] != self.rank:
+            raise ValueError(
+                f"init must be 'moments', 'random' or a (d, {self.rank}) array; "
+                f"got shape {np.shape(self.init)}"
+            )
+
+    def __hash__(self):
+        if not isinstance(self.init, str):
+            raise TypeError("an AMHTConfig holding an init array is not hashable")
+        return hash(dataclasses.astuple(self))
+
+    def tolerances(self, dtype) -> tuple[float, float]:
+        """``(tol, cg_tol)`` with the dtype-dependent defaults filled in."""
+        small = np.dtype(dtype) == np.float64
+        tol = self.tol if self.tol is not None else (1e-10 if small else 1e-5)
+        cg_tol = self.cg_tol if self.cg_tol is not None else (1e-10 if small else 1e-5)
+        return tol, cg_tol
+
+    def chunk_size(self, m: int, d: int, itemsize: int) -> int:
+        """Users per chunk for data of ``m`` samples of ``d`` features."""
+        if self.user_chunk_size is not None:
+            return self.user_chunk_size
+        return max(1, self.chunk_bytes // max(1, m * d * itemsize))
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an integer; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")

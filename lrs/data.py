@@ -1,0 +1,167 @@
+"""Per-user data sets, padded into dense arrays.
+
+Shape letters: t users, m samples per user (m_max after padding), d features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def float_dtype(dtype=None) -> np.dtype:
+    """The floating dtype lrs computes in: float32, or float64 under x64."""
+    if dtype is not None and np.issubdtype(dtype, np.floating):
+        if np.dtype(dtype).itemsize >= 4:
+            return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+
+
+def _as_real_array(value, name: str) -> np.ndarray | jax.Array:
+    """Converts ``value`` to a real floating array without modifying it."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        value = np.asarray(value)
+        dtype = value.dtype
+    if np.issubdtype(dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real; got complex dtype {dtype}")
+    if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+        raise ValueError(f"{name} must be numeric; got dtype {dtype}")
+    target = float_dtype(dtype)
+    if isinstance(value, jax.Array):
+        return value if value.dtype == target else value.astype(target)
+    return np.asarray(value, dtype=target)  # copies only when converting
+
+
+def _check_finite(value, name: str) -> None:
+    ok = bool(jnp.isfinite(value).all()) if isinstance(value, jax.Array) else bool(
+        np.isfinite(value).all()
+    )
+    if not ok:
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+class UserData(NamedTuple):
+    """Padded per-user regression data; a pytree.
+
+    Attributes:
+      X: ``(t, m_max, d)`` features; padded rows are zero.
+      y: ``(t, m_max)`` targets; padded entries are zero.
+      mask: ``(t, m_max)`` bool, True for real samples.
+
+    Padding never changes a result: every computation in lrs masks it out.
+    """
+
+    X: jax.Array
+    y: jax.Array
+    mask: jax.Array
+
+    @property
+    def num_users(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[2]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``(t,)`` number of real samples of each user (host numpy array)."""
+        return np.asarray(jnp.sum(self.mask, axis=1))
+
+    @classmethod
+    def from_arrays(cls, X, y) -> UserData:
+        """All users with the same number of samples: X ``(t, m, d)``, y ``(t, m)``.
+
+        Raises:
+          ValueError: on mismatched shapes, zero users, complex or non-finite data.
+        """
+        X = _as_real_array(X, "X")
+        y = _as_real_array(y, "y")
+        if X.ndim != 3:
+            raise ValueError(f"X must have shape (t, m, d); got shape {X.shape}")
+        if y.shape != X.shape[:2]:
+            raise ValueError(
+                f"y must have shape (t, m) = {X.shape[:2]} to match X; got {y.shape}"
+            )
+        if X.shape[0] == 0:
+            raise ValueError("X has zero users (t = 0)")
+        _check_finite(X, "X")
+        _check_finite(y, "y")
+        y = jnp.asarray(y, dtype=X.dtype)
+        mask = jnp.ones(y.shape, dtype=bool)
+        return cls(jnp.asarray(X), y, mask)
+
+    @classmethod
+    def from_ragged(cls, Xs: Sequence, ys: Sequence) -> UserData:
+        """Users with different sample counts: ``Xs[i]`` ``(m_i, d)``, ``ys[i]`` ``(m_i,)``.
+
+        Raises:
+          ValueError: on mismatched lengths or shapes, zero users, bad values.
+        """
+        if len(Xs) != len(ys):
+            raise ValueError(
+                f"Xs and ys must list the same users; got {len(Xs)} and {len(ys)}"
+            )
+        if len(Xs) == 0:
+            raise ValueError("Xs is empty: zero users")
+        Xs = [_as_real_array(np.asarray(x), f"Xs[{i}]") for i, x in enumerate(Xs)]
+        ys = [_as_real_array(np.asarray(v), f"ys[{i}]") for i, v in enumerate(ys)]
+        d = Xs[0].shape[-1] if Xs[0].ndim == 2 else None
+        for i, (x, v) in enumerate(zip(Xs, ys)):
+            if x.ndim != 2 or x.shape[1] != d:
+                raise ValueError(f"Xs[{i}] must have shape (m_i, {d}); got {x.shape}")
+            if v.shape != (x.shape[0],):
+                raise ValueError(
+                    f"ys[{i}] must have shape ({x.shape[0]},) to match Xs[{i}]; "
+                    f"got {v.shape}"
+                )
+            _check_finite(x, f"Xs[{i}]")
+            _check_finite(v, f"ys[{i}]")
+        dtype = np.result_type(*Xs)
+        counts = np.array([x.shape[0] for x in Xs])
+        t, m_max = len(Xs), max(int(counts.max()), 1)
+        X = np.zeros((t, m_max, d), dtype)
+        y = np.zeros((t, m_max), dtype)
+        for i, (x, v) in enumerate(zip(Xs, ys)):
+            X[i, : len(v)] = x
+            y[i, : len(v)] = v
+        mask = np.arange(m_max)[None, :] < counts[:, None]
+        return cls(jnp.asarray(X), jnp.asarray(y), jnp.asarray(mask))
+
+    @classmethod
+    def from_long(cls, user_ids, X, y) -> UserData:
+        """One row per sample, like a data frame: ``user_ids (N,)``, ``X (N, d)``, ``y (N,)``.
+
+        User ``i`` of the result is the ``i``-th smallest distinct id
+        (``np.unique(user_ids)[i]``); each user's samples keep their order.
+        """
+        user_ids = np.asarray(user_ids)
+        X = _as_real_array(np.asarray(X), "X")
+        y = _as_real_array(np.asarray(y), "y")
+        if user_ids.ndim != 1 or not np.issubdtype(user_ids.dtype, np.integer):
+            raise ValueError(
+                f"user_ids must be a 1-d integer array; got {user_ids.dtype} "
+                f"with shape {user_ids.shape}"
+            )
+        if X.ndim != 2 or X.shape[0] != len(user_ids) or y.shape != (len(user_ids),):
+            raise ValueError(
+                f"X must be (N, d) and y (N,) with N = len(user_ids) = "
+                f"{len(user_ids)}; got X {X.shape}, y {y.shape}"
+            )
+        unique, index = np.unique(user_ids, return_inverse=True)
+        order = np.argsort(index, kind="stable")
+        splits = np.cumsum(np.bincount(index, minlength=len(unique)))[:-1]
+        return cls.from_ragged(
+            np.split(X[order], splits), np.split(y[order], splits)
+        )
+
+    def to_long(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Inverse of :meth:`from_long`: ``(user_index (N,), X (N, d), y (N,))``."""
+        mask = np.asarray(self.mask)
+        users = np.broadcast_to(np.arange(self.num_users)[:, None], mask.shape)
+        return users[mask], np.asarray(self.X)[mask], np.asarray(self.y)[mask]

@@ -1,0 +1,56 @@
+"""Small linear-algebra building blocks shared by the solvers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def hard_threshold(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` largest-magnitude entries of ``x (..., d)``.
+
+    Returns:
+      ``(indices (..., k) int32, values (..., k))``, sorted by decreasing magnitude;
+      ties are broken towards the lower index.
+    """
+    if k == 0:
+        return (
+            jnp.zeros(x.shape[:-1] + (0,), jnp.int32),
+            jnp.zeros(x.shape[:-1] + (0,), x.dtype),
+        )
+    _, idx = jax.lax.top_k(jnp.abs(x), k)
+    idx = idx.astype(jnp.int32)
+    return idx, jnp.take_along_axis(x, idx, axis=-1)
+
+
+def orthonormalize(A: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Thin QR ``A (d, r) = Q R`` with ``diag(R) >= 0``, so the result is unique."""
+    Q, R = jnp.linalg.qr(A)
+    signs = jnp.where(jnp.diag(R) < 0, -1.0, 1.0).astype(A.dtype)
+    return Q * signs, R * signs[:, None]
+
+
+def jitter(dtype) -> float:
+    """Relative diagonal shift that keeps Cholesky of a Gram matrix well defined."""
+    return 1e-12 if jnp.dtype(dtype) == jnp.float64 else 1e-6
+
+
+def spd_solve(G: jax.Array, h: jax.Array, ridge: float | jax.Array = 0.0) -> jax.Array:
+    """Solves ``(G + ridge I) x = h`` for a symmetric PSD ``G (p, p)`` by Cholesky.
+
+    A relative jitter of ``jitter(dtype) * trace(G) / p`` keeps it defined when
+    ``G`` is singular (e.g. a user with fewer samples than unknowns).
+    """
+    p = G.shape[-1]
+    shift = ridge + jitter(G.dtype) * (jnp.trace(G) / p + 1e-30)
+    L = jnp.linalg.cholesky(G + shift * jnp.eye(p, dtype=G.dtype))
+    return jax.scipy.linalg.cho_solve((L, True), h)
+
+
+def subspace_distance(U1: jax.Array, U2: jax.Array) -> jax.Array:
+    """Sine of the largest principal angle between the column spans of ``U1, U2 (d, r)``.
+
+    Both must have orthonormal columns: ``|| (I - U1 U1^T) U2 ||_2``.
+    """
+    residual = U2 - U1 @ (U1.T @ U2)
+    return jnp.minimum(jnp.linalg.norm(residual, ord=2), 1.0)

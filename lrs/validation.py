@@ -1,0 +1,74 @@
+"""Host-side checks of fit inputs, run before anything is traced."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from lrs.config import AMHTConfig
+from lrs.data import UserData, _as_real_array, _check_finite
+
+
+def check_data(data, config: AMHTConfig, *, name: str = "data") -> UserData:
+    """Validates ``data`` against ``config``; returns it, converted if needed.
+
+    Never modifies ``data``: integer arrays are converted into new arrays.
+    """
+    if not isinstance(data, UserData):
+        raise ValueError(f"{name} must be an lrs.UserData; got {type(data).__name__}")
+    X = _as_real_array(data.X, f"{name}.X")
+    y = _as_real_array(data.y, f"{name}.y")
+    mask = np.asarray(data.mask) if not isinstance(data.mask, jax.Array) else data.mask
+    if X.ndim != 3:
+        raise ValueError(f"{name}.X must have shape (t, m, d); got {X.shape}")
+    t, m, d = X.shape
+    if t == 0:
+        raise ValueError(f"{name} has zero users")
+    if y.shape != (t, m) or mask.shape != (t, m):
+        raise ValueError(
+            f"{name}.y and {name}.mask must have shape (t, m) = {(t, m)}; "
+            f"got {y.shape} and {mask.shape}"
+        )
+    if mask.dtype != bool:
+        raise ValueError(f"{name}.mask must be boolean; got {mask.dtype}")
+    _check_finite(X, f"{name}.X")
+    _check_finite(y, f"{name}.y")
+    if not config.rank < d:
+        raise ValueError(f"rank must be < d = {d}; got {config.rank}")
+    if not config.sparsity < d:
+        raise ValueError(f"sparsity must be < d = {d}; got {config.sparsity}")
+    batches = max(config.fresh_samples, 1)
+    need = (config.rank + config.sparsity) * batches
+    counts = np.asarray(mask.sum(axis=1))
+    short = np.flatnonzero(counts < need)
+    if short.size:
+        shown = ", ".join(f"user {i} ({counts[i]})" for i in short[:10])
+        more = f" and {short.size - 10} more" if short.size > 10 else ""
+        per = f" x fresh_samples = {need}" if batches > 1 else f" = {need}"
+        raise ValueError(
+            f"{name}: {short.size} user(s) have fewer samples than rank + sparsity"
+            f"{per}: {shown}{more}"
+        )
+    y = y.astype(X.dtype) if y.dtype != X.dtype else y
+    return UserData(X, y, mask)
+
+
+def check_init(init, d: int, rank: int, dtype) -> np.ndarray:
+    """Validates a user-given initial U of shape ``(d, rank)``."""
+    U0 = _as_real_array(init, "init")
+    if U0.shape != (d, rank):
+        raise ValueError(f"init must have shape (d, rank) = {(d, rank)}; got {U0.shape}")
+    _check_finite(U0, "init")
+    if np.linalg.matrix_rank(np.asarray(U0, np.float64)) < rank:
+        raise ValueError("init must have full column rank")
+    return np.asarray(U0, dtype)
+
+
+def check_truth(truth, t: int, d: int) -> None:
+    """Checks that planted parameters match the data's users and features."""
+    U, V = np.shape(truth.U), np.shape(truth.V)
+    if U[0] != d or V[0] != t or U[1] != V[1] or truth.B.dim != d:
+        raise ValueError(
+            f"truth must describe t = {t} users in d = {d} features; got "
+            f"U {U}, V {V}, B dim {truth.B.dim}"
+        )

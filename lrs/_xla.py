@@ -24,6 +24,17 @@ def avoid_cpu_deadlock() -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_multi_thread_eigen" not in flags:
         os.environ["XLA_FLAGS"] = (flags + " " + DEADLOCK_FLAG).strip()
-    if "jax" in sys.modules:  # too late for this process; say so honestly
+    # XLA reads XLA_FLAGS when its CPU backend starts (the first computation),
+    # so importing jax earlier is fine; a backend already started ignores it.
+    return DEADLOCK_FLAG in os.environ["XLA_FLAGS"] and not _backend_started()
+
+
+def _backend_started() -> bool:
+    if "jax" not in sys.modules:
         return False
-    return DEADLOCK_FLAG in os.environ["XLA_FLAGS"]
+    try:
+        from jax._src import xla_bridge
+
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except Exception:  # private API moved: assume the worst is not known
+        return False

@@ -1,10 +1,10 @@
 """AMHT-LRS: alternating minimization with hard thresholding.
 
-    U   <- top-r eigenvectors of sum_ij y_ij^2 x_ij x_ij^T        (moment_init)
-    V,B <- per user: v_i, k-sparse b_i given U                    (per_user_step)
-    repeat:
-      U   <- least squares given V, B; re-orthonormalize          (shared.update_U)
-      V,B <- per user given the new U                             (per_user_step)
+U   <- top-r eigenvectors of sum_ij y_ij^2 x_ij x_ij^T        (moment_init)
+V,B <- per user: v_i, k-sparse b_i given U                    (per_user_step)
+repeat:
+  U   <- least squares given V, B; re-orthonormalize          (shared.update_U)
+  V,B <- per user given the new U                             (per_user_step)
 """
 
 from __future__ import annotations
@@ -86,9 +86,7 @@ def per_user_step(data: UserData, U, warm, config: AMHTConfig, extra_steps: int 
             support = jax.vmap(peruser.cold_support, (0, 0, 0, None, None))(
                 A, X, y, k, config.ridge
             )
-        fits = jax.vmap(peruser.pursue, (0, 0, 0, 0, None, None))(
-            A, X, y, support, steps, config.ridge
-        )
+        fits = peruser.pursue(A, X, y, support, steps, config.ridge)
         fits = _rescue_worst(X, y, U, fits, config)
         return fits, jnp.sum(fits.sq_residual * fresh)
 
@@ -106,11 +104,20 @@ def _rescue_worst(X, y, U, fits: peruser.UserFit, config: AMHTConfig):
     score = fits.sq_residual / (jnp.sum(y * y, axis=1) + jnp.finfo(y.dtype).tiny)
     _, worst = jax.lax.top_k(score, n)
     rescue = functools.partial(
-        peruser.rescue, steps=config.inner_steps + 2, l1_steps=config.l1_steps,
+        peruser.rescue,
+        steps=config.inner_steps + 2,
+        l1_steps=config.l1_steps,
         ridge=config.ridge,
     )
     subset = jax.tree.map(lambda a: a[worst], fits)
-    better = jax.vmap(rescue, (0, 0, None, 0))(X[worst], y[worst], U, subset)
+    # Only when the worst users stand out from the typical one: at a fixed
+    # point where every user fits equally well there is nothing to rescue.
+    floor = 10 * jnp.median(score) + 1e3 * jnp.finfo(y.dtype).eps
+    better = jax.lax.cond(
+        jnp.max(score) > floor,
+        lambda: rescue(X[worst], y[worst], U, subset),
+        lambda: subset,
+    )
     return jax.tree.map(lambda a, b: a.at[worst].set(b), fits, better)
 
 
@@ -127,7 +134,11 @@ def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
             solver = "dense" if d <= 4096 else "subspace"
         masked = data._replace(mask=_batch_mask(data, config, 0))
         U = moment_init(
-            masked, config.rank, key, eigensolver=solver, iters=config.init_iters,
+            masked,
+            config.rank,
+            key,
+            eigensolver=solver,
+            iters=config.init_iters,
             chunk_size=_chunk(data, config),
         )
     masked = data._replace(mask=_batch_mask(data, config, 1))
@@ -142,16 +153,25 @@ def step(state: AMHTState, data: UserData, config: AMHTConfig):
     chunk = _chunk(data, config)
     shared_data = data._replace(mask=_batch_mask(data, config, state.half_step))
     U, V, stats = update_U(
-        shared_data, state.U, state.V, state.indices, state.values,
-        ridge=config.ridge, solver=config.u_solver, max_iters=config.cg_iters,
-        tol=cg_tol, chunk_size=chunk,
+        shared_data,
+        state.U,
+        state.V,
+        state.indices,
+        state.values,
+        ridge=config.ridge,
+        solver=config.u_solver,
+        max_iters=config.cg_iters,
+        tol=cg_tol,
+        chunk_size=chunk,
     )
     user_data = data._replace(mask=_batch_mask(data, config, state.half_step + 1))
     V, idx, val, sq = per_user_step(user_data, U, state.indices, config)
     loss = sq / jnp.sum(user_data.mask)
     new = AMHTState(U, V, idx, val, loss, state.half_step + 2)
     nan = jnp.full((), jnp.nan, U.dtype)
-    info = AMHTInfo(loss, metrics.subspace_distance(state.U, U), stats.cg_iters, nan, nan)
+    info = AMHTInfo(
+        loss, metrics.subspace_distance(state.U, U), stats.cg_iters, nan, nan
+    )
     return new, info
 
 
@@ -188,9 +208,11 @@ def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
     if report:
         jax.debug.callback(_report, 0, info0, ordered=True)
     history = jax.tree.map(
-        lambda a: jnp.full((config.num_iters + 1,), jnp.nan, a.dtype).at[0].set(a)
-        if jnp.issubdtype(a.dtype, jnp.floating)
-        else jnp.zeros((config.num_iters + 1,), a.dtype).at[0].set(a),
+        lambda a: (
+            jnp.full((config.num_iters + 1,), jnp.nan, a.dtype).at[0].set(a)
+            if jnp.issubdtype(a.dtype, jnp.floating)
+            else jnp.zeros((config.num_iters + 1,), a.dtype).at[0].set(a)
+        ),
         info0,
     )
 
@@ -207,7 +229,12 @@ def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
         history = jax.tree.map(lambda h, a: h.at[i + 1].set(a), history, info)
         return i + 1, state, history, info.u_change
 
-    init_carry = (jnp.zeros((), jnp.int32), state, history, jnp.asarray(jnp.inf, nan.dtype))
+    init_carry = (
+        jnp.zeros((), jnp.int32),
+        state,
+        history,
+        jnp.asarray(jnp.inf, nan.dtype),
+    )
     done, state, history, _ = jax.lax.while_loop(cond, body, init_carry)
     return _params(state, d), history, done
 
@@ -242,10 +269,14 @@ def fit(
       FitError: if the iterates become non-finite (names the iteration).
     """
     if not isinstance(config, AMHTConfig):
-        raise ValueError(f"config must be an lrs.AMHTConfig; got {type(config).__name__}")
+        raise ValueError(
+            f"config must be an lrs.AMHTConfig; got {type(config).__name__}"
+        )
     data = check_data(data, config)
     t, _, d = data.X.shape
     U0 = None
+    if isinstance(config.init, str) and config.init == "given":
+        raise ValueError("init='given' is internal; pass the (d, rank) array as init")
     if not isinstance(config.init, str):
         U0 = jnp.asarray(check_init(config.init, d, config.rank, data.X.dtype))
         config = dataclasses.replace(config, init="given")
@@ -272,7 +303,9 @@ def _raise_if_nonfinite(params: LRSParams, diagnostics: AMHTInfo) -> None:
     if bad.size:
         raise FitError(f"the fit became non-finite at iteration {bad[0]}")
     if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(params)):
-        raise FitError(f"the fit became non-finite at iteration {len(diagnostics.loss) - 1}")
+        raise FitError(
+            f"the fit became non-finite at iteration {len(diagnostics.loss) - 1}"
+        )
 
 
 def personalize(U, data_new: UserData, config: AMHTConfig):
@@ -281,8 +314,14 @@ def personalize(U, data_new: UserData, config: AMHTConfig):
     U = jnp.asarray(U, data_new.X.dtype)
     d = data_new.X.shape[2]
     if U.shape != (d, config.rank):
-        raise ValueError(f"U must have shape (d, rank) = {(d, config.rank)}; got {U.shape}")
-    cfg = config if isinstance(config.init, str) else dataclasses.replace(config, init="given")
+        raise ValueError(
+            f"U must have shape (d, rank) = {(d, config.rank)}; got {U.shape}"
+        )
+    cfg = (
+        config
+        if isinstance(config.init, str)
+        else dataclasses.replace(config, init="given")
+    )
     V, idx, val = _personalize(U, data_new, cfg)
     return V, SparseRows(idx, val, d)
 

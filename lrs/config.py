@@ -85,7 +85,9 @@ class AMHTConfig:
                 f"rescue_fraction must lie in [0, 1]; got {self.rescue_fraction!r}"
             )
         if self.u_solver not in _U_SOLVERS:
-            raise ValueError(f"u_solver must be one of {_U_SOLVERS}; got {self.u_solver!r}")
+            raise ValueError(
+                f"u_solver must be one of {_U_SOLVERS}; got {self.u_solver!r}"
+            )
         if self.init_eigensolver not in _EIGENSOLVERS:
             raise ValueError(
                 f"init_eigensolver must be one of {_EIGENSOLVERS}; "

@@ -38,8 +38,10 @@ def _as_real_array(value, name: str) -> np.ndarray | jax.Array:
 
 
 def _check_finite(value, name: str) -> None:
-    ok = bool(jnp.isfinite(value).all()) if isinstance(value, jax.Array) else bool(
-        np.isfinite(value).all()
+    ok = (
+        bool(jnp.isfinite(value).all())
+        if isinstance(value, jax.Array)
+        else bool(np.isfinite(value).all())
     )
     if not ok:
         raise ValueError(f"{name} contains NaN or inf values")
@@ -98,7 +100,7 @@ class UserData(NamedTuple):
 
     @classmethod
     def from_ragged(cls, Xs: Sequence, ys: Sequence) -> UserData:
-        """Users with different sample counts: ``Xs[i]`` ``(m_i, d)``, ``ys[i]`` ``(m_i,)``.
+        """Users with different sample counts: ``Xs[i] (m_i, d)``, ``ys[i] (m_i,)``.
 
         Raises:
           ValueError: on mismatched lengths or shapes, zero users, bad values.
@@ -135,7 +137,7 @@ class UserData(NamedTuple):
 
     @classmethod
     def from_long(cls, user_ids, X, y) -> UserData:
-        """One row per sample, like a data frame: ``user_ids (N,)``, ``X (N, d)``, ``y (N,)``.
+        """One row per sample, like a data frame: ``user_ids, X (N, d), y (N,)``.
 
         User ``i`` of the result is the ``i``-th smallest distinct id
         (``np.unique(user_ids)[i]``); each user's samples keep their order.
@@ -156,9 +158,7 @@ class UserData(NamedTuple):
         unique, index = np.unique(user_ids, return_inverse=True)
         order = np.argsort(index, kind="stable")
         splits = np.cumsum(np.bincount(index, minlength=len(unique)))[:-1]
-        return cls.from_ragged(
-            np.split(X[order], splits), np.split(y[order], splits)
-        )
+        return cls.from_ragged(np.split(X[order], splits), np.split(y[order], splits))
 
     def to_long(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Inverse of :meth:`from_long`: ``(user_index (N,), X (N, d), y (N,))``."""

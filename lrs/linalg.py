@@ -48,7 +48,7 @@ def spd_solve(G: jax.Array, h: jax.Array, ridge: float | jax.Array = 0.0) -> jax
 
 
 def subspace_distance(U1: jax.Array, U2: jax.Array) -> jax.Array:
-    """Sine of the largest principal angle between the column spans of ``U1, U2 (d, r)``.
+    """Sine of the largest principal angle between the spans of ``U1, U2 (d, r)``.
 
     Both must have orthonormal columns: ``|| (I - U1 U1^T) U2 ||_2``.
     """

@@ -27,7 +27,9 @@ def per_user_error(params: LRSParams, truth: LRSParams) -> jax.Array:
     """``(t,)`` relative errors ``||theta_i - theta_i*|| / ||theta_i*||``."""
     W_star = weights(truth)
     num = jnp.linalg.norm(weights(params) - W_star, axis=1)
-    return num / jnp.maximum(jnp.linalg.norm(W_star, axis=1), jnp.finfo(W_star.dtype).tiny)
+    return num / jnp.maximum(
+        jnp.linalg.norm(W_star, axis=1), jnp.finfo(W_star.dtype).tiny
+    )
 
 
 def user_supports_correct(params: LRSParams, truth: LRSParams) -> jax.Array:

@@ -44,8 +44,13 @@ def _residual(A, X, y, fit: UserFit) -> jax.Array:
     return y - A @ fit.v - jnp.take(X, fit.support, axis=1) @ fit.b
 
 
-def pursuit_step(A, X, y, fit: UserFit, ridge=0.0) -> UserFit:
-    """One subspace-pursuit step; never increases the residual."""
+def pursuit_step(A, X, y, fit: UserFit, ridge=0.0) -> tuple[UserFit, jax.Array]:
+    """One subspace-pursuit step for one user.
+
+    Returns ``(fit, moved)``: the candidate replaces ``fit`` only when its
+    support differs as a set and its residual is smaller by a relative margin,
+    so the residual never increases and ``moved`` is False at a fixed point.
+    """
     k, d = fit.support.shape[0], X.shape[1]
     proxy = jnp.abs(X.T @ _residual(A, X, y, fit)).at[fit.support].set(-1.0)
     _, new = jax.lax.top_k(proxy, min(k, d - k))
@@ -53,18 +58,34 @@ def pursuit_step(A, X, y, fit: UserFit, ridge=0.0) -> UserFit:
     wide = lstsq_on_support(A, X, y, merged, ridge)
     keep, _ = hard_threshold(wide.b, k)
     candidate = lstsq_on_support(A, X, y, merged[keep], ridge)
-    better = candidate.sq_residual < fit.sq_residual
-    return jax.tree.map(lambda a, b: jnp.where(better, a, b), candidate, fit)
+    margin = 1.0 - 100 * jnp.finfo(y.dtype).eps
+    changed = jnp.any(jnp.sort(candidate.support) != jnp.sort(fit.support))
+    moved = changed & (candidate.sq_residual < margin * fit.sq_residual)
+    return jax.tree.map(lambda a, b: jnp.where(moved, a, b), candidate, fit), moved
 
 
 def pursue(A, X, y, support, steps: int, ridge=0.0) -> UserFit:
-    """Refits on ``support`` then runs ``steps`` pursuit steps."""
-    fit = lstsq_on_support(A, X, y, support, ridge)
-    if support.shape[0] == 0:
-        return fit
-    return jax.lax.fori_loop(
-        0, steps, lambda _, f: pursuit_step(A, X, y, f, ridge), fit
-    )
+    """Refits users on ``support (n, k)``, then up to ``steps`` pursuit steps.
+
+    ``A (n, m, r)``, ``X (n, m, d)``, ``y (n, m)``. The loop over steps runs
+    over the whole batch and stops early once no user's support moves.
+    """
+    fits = jax.vmap(lstsq_on_support, (0, 0, 0, 0, None))(A, X, y, support, ridge)
+    if support.shape[-1] == 0 or steps == 0:
+        return fits
+    step = jax.vmap(pursuit_step, (0, 0, 0, 0, None))
+
+    def cond(carry):
+        i, _, moved = carry
+        return (i < steps) & moved
+
+    def body(carry):
+        i, fits, _ = carry
+        fits, moved = step(A, X, y, fits, ridge)
+        return i + 1, fits, jnp.any(moved)
+
+    _, fits, _ = jax.lax.while_loop(cond, body, (0, fits, jnp.asarray(True)))
+    return fits
 
 
 def cold_support(A, X, y, k: int, ridge=0.0) -> jax.Array:
@@ -103,22 +124,30 @@ def l1_support(A, X, y, k: int, steps: int) -> jax.Array:
     return support
 
 
-def solve_user(X, y, U, warm_support, *, steps: int, ridge=0.0) -> UserFit:
-    """Per-user step for one user (``X`` already masked), warm-started."""
-    return pursue(X @ U, X, y, warm_support, steps, ridge)
-
-
-def rescue(X, y, U, fit: UserFit, *, steps: int, l1_steps: int, ridge=0.0) -> UserFit:
-    """Stronger attempt for a hard user: best of ``fit``, cold start and l1 start."""
-    A = X @ U
-    k = fit.support.shape[0]
+def rescue(X, y, U, fits: UserFit, *, steps: int, l1_steps: int, ridge=0.0) -> UserFit:
+    """Stronger attempt for a batch of hard users: best of ``fits``, a cold
+    start and an l1 start, each polished by ``steps`` pursuit steps."""
+    k = fits.support.shape[-1]
     if k == 0:
-        return fit
-    candidates = [fit, pursue(A, X, y, cold_support(A, X, y, k, ridge), steps, ridge)]
+        return fits
+    A = X @ U
+    cold = jax.vmap(cold_support, (0, 0, 0, None, None))(A, X, y, k, ridge)
+    candidates = [pursue(A, X, y, cold, steps, ridge)]
     if l1_steps > 0:
-        candidates.append(pursue(A, X, y, l1_support(A, X, y, k, l1_steps), steps, ridge))
-    best = candidates[0]
-    for c in candidates[1:]:
+        l1 = jax.vmap(l1_support, (0, 0, 0, None, None))(A, X, y, k, l1_steps)
+        candidates.append(pursue(A, X, y, l1, steps, ridge))
+    best = fits
+    for c in candidates:
         better = c.sq_residual < best.sq_residual
-        best = jax.tree.map(lambda a, b, w=better: jnp.where(w, a, b), c, best)
+        best = jax.tree.map(lambda a, b, w=better: _where_rows(w, a, b), c, best)
     return best
+
+
+def _where_rows(pick, a, b):
+    return jnp.where(pick.reshape(pick.shape + (1,) * (a.ndim - 1)), a, b)
+
+
+def solve_user(X, y, U, support, *, steps: int, ridge=0.0) -> UserFit:
+    """The per-user step for a single user (``X (m, d)`` already masked)."""
+    batch = jax.tree.map(lambda a: a[None], (X @ U, X, y, support))
+    return jax.tree.map(lambda a: a[0], pursue(*batch, steps, ridge))

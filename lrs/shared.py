@@ -25,7 +25,9 @@ class SharedStats(NamedTuple):
 
 def sparse_predictions(X, idx, val) -> jax.Array:
     """``(c, m)`` values ``<x_ij, b_i>`` from compact sparse rows ``(c, k)``."""
-    return jnp.einsum("cmk,ck->cm", jnp.take_along_axis(X, idx[:, None, :], axis=2), val)
+    return jnp.einsum(
+        "cmk,ck->cm", jnp.take_along_axis(X, idx[:, None, :], axis=2), val
+    )
 
 
 def _rhs(data, V, idx, val, chunk_size) -> jax.Array:
@@ -57,7 +59,9 @@ def _dense_normal_matrix(data, V, chunk_size) -> jax.Array:
 
     def fn(args, fresh):
         X, mask, v = args
-        Z = jnp.einsum("cmd,cr->cmdr", jnp.where(mask[..., None], X, 0), v * fresh[:, None])
+        Z = jnp.einsum(
+            "cmd,cr->cmdr", jnp.where(mask[..., None], X, 0), v * fresh[:, None]
+        )
         Z = Z.reshape(-1, Z.shape[2] * Z.shape[3])
         return None, Z.T @ Z
 
@@ -103,7 +107,9 @@ def update_U(data, U, V, idx, val, *, ridge, solver, max_iters, tol, chunk_size)
     rhs = _rhs(data, V, idx, val, chunk_size)
     d, r = U.shape
     if solver == "dense":
-        G = _dense_normal_matrix(data, V, chunk_size) + ridge * jnp.eye(d * r, dtype=U.dtype)
+        G = _dense_normal_matrix(data, V, chunk_size) + ridge * jnp.eye(
+            d * r, dtype=U.dtype
+        )
         U_ls = spd_solve(G, rhs.reshape(-1)).reshape(d, r)
         stats = SharedStats(jnp.zeros((), jnp.int32), jnp.zeros((), U.dtype))
     else:

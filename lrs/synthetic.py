@@ -81,7 +81,9 @@ def _sample(kx, kn, km, truth: LRSParams, m, noise, m_min):
     dtype = truth.U.dtype
     X = jax.random.normal(kx, (t, m, d), dtype)
     theta = truth.V @ truth.U.T + truth.B.dense()
-    y = jnp.einsum("tmd,td->tm", X, theta) + noise * jax.random.normal(kn, (t, m), dtype)
+    y = jnp.einsum("tmd,td->tm", X, theta) + noise * jax.random.normal(
+        kn, (t, m), dtype
+    )
     if m_min is None:
         mask = jnp.ones((t, m), bool)
     else:
@@ -89,4 +91,3 @@ def _sample(kx, kn, km, truth: LRSParams, m, noise, m_min):
         mask = jnp.arange(m)[None, :] < counts[:, None]
     X = jnp.where(mask[..., None], X, 0)
     return X, jnp.where(mask, y, 0), mask
-

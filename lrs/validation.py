@@ -57,7 +57,9 @@ def check_init(init, d: int, rank: int, dtype) -> np.ndarray:
     """Validates a user-given initial U of shape ``(d, rank)``."""
     U0 = _as_real_array(init, "init")
     if U0.shape != (d, rank):
-        raise ValueError(f"init must have shape (d, rank) = {(d, rank)}; got {U0.shape}")
+        raise ValueError(
+            f"init must have shape (d, rank) = {(d, rank)}; got {U0.shape}"
+        )
     _check_finite(U0, "init")
     if np.linalg.matrix_rank(np.asarray(U0, np.float64)) < rank:
         raise ValueError("init must have full column rank")

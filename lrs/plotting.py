@@ -1,0 +1,94 @@
+"""Convergence plots from plain diagnostics (dicts of lists); matplotlib only here.
+
+The numerical core never imports this module. matplotlib is imported lazily,
+and figures are drawn on an explicit Agg canvas, so plotting neither needs a
+display nor changes the global ``pyplot`` backend of the caller.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+__all__ = ["plot_convergence"]
+
+
+def _series(values: Sequence | None) -> list[float]:
+    """Floats, with None / NaN / inf / non-positive entries as NaN (log axes)."""
+    out = []
+    for v in values or ():
+        x = math.nan if v is None else float(v)
+        out.append(x if math.isfinite(x) and x > 0 else math.nan)
+    return out
+
+
+def _has_data(ys: list[float]) -> bool:
+    return any(not math.isnan(y) for y in ys)
+
+
+def plot_convergence(
+    diagnostics: Mapping[str, Sequence],
+    path: str | os.PathLike,
+    title: str = "AMHT-LRS convergence",
+    *,
+    floor: float | None = None,
+) -> str:
+    """Saves a PNG of error and loss against the iteration.
+
+    Args:
+      diagnostics: plain per-iteration lists (entry ``i`` after iteration ``i``,
+        0 = initialization). Uses the keys ``relative_error``,
+        ``subspace_distance`` and ``loss`` where present, and ``iteration``
+        for the x values (default ``0, 1, ...``). None / NaN entries are skipped.
+      path: where to write the PNG.
+      title: figure title.
+      floor: if given, a dashed line at this error level (e.g. 100 x the dtype
+        epsilon, below which the error is at rounding level).
+
+    Returns:
+      The path written, as a string.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    errors = {
+        "relative error  $\\|W-W^*\\|_F/\\|W^*\\|_F$": _series(
+            diagnostics.get("relative_error")
+        ),
+        "subspace distance  $\\sin\\angle(U, U^*)$": _series(
+            diagnostics.get("subspace_distance")
+        ),
+    }
+    loss = _series(diagnostics.get("loss"))
+    n = max([len(loss), *(len(v) for v in errors.values())], default=0)
+    iters = list(diagnostics.get("iteration") or range(n))
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_err, ax_loss = fig.subplots(1, 2)
+
+    for (label, ys), marker in zip(errors.items(), ("o", "s"), strict=True):
+        if _has_data(ys):
+            ax_err.plot(iters[: len(ys)], ys, marker=marker, ms=3, label=label)
+    if floor is not None and _has_data(_series([floor])):
+        ax_err.axhline(floor, color="gray", ls="--", lw=1, label=f"floor {floor:.1e}")
+    ax_err.set_yscale("log")
+    ax_err.set_xlabel("iteration (0 = initialization)")
+    ax_err.set_title("distance to the planted model")
+    if ax_err.has_data():
+        ax_err.legend(fontsize="small")
+    ax_err.grid(True, which="both", alpha=0.3)
+
+    if _has_data(loss):
+        ax_loss.plot(iters[: len(loss)], loss, marker="o", ms=3, color="C2")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("iteration (0 = initialization)")
+    ax_loss.set_title("training loss (mean squared residual)")
+    ax_loss.grid(True, which="both", alpha=0.3)
+
+    for ax in (ax_err, ax_loss):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    fig.savefig(os.fspath(path), dpi=120)
+    return os.fspath(path)

@@ -1,0 +1,25 @@
+"""Test configuration: the XLA deadlock work-around, x64, small-problem fixtures."""
+
+from lrs._xla import avoid_cpu_deadlock
+
+avoid_cpu_deadlock()  # before jax is imported anywhere in the test session
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def small_problem():
+    """A noiseless float64 problem that AMHT-LRS recovers exactly in seconds."""
+    import lrs
+
+    return lrs.synthetic.make_problem(
+        jax.random.key(1), d=30, t=120, m=30, r=3, k=3, dtype="float64"
+    )

@@ -1,8 +1,8 @@
 """Benchmark of the core targets: P0 accuracy and time, noise slope, P1 memory.
 
-    python experiments/bench_core.py --out bench-out            # P0 + noise, x64 and f32
-    python experiments/bench_core.py --p1 --out bench-out       # + P1 (4 GB, minutes)
-    python experiments/bench_core.py --quick --out /tmp/bench   # seconds, smoke test
+    python experiments/bench_core.py --out bench-out       # P0 + noise, x64 and f32
+    python experiments/bench_core.py --p1 --out bench-out  # + P1 (4 GB, minutes)
+    python experiments/bench_core.py --quick --out /tmp/b  # smoke test
 
 Prints one summary line per target and writes ``bench_core.json`` under ``--out``.
 Times are wall-clock on whatever machine runs this; the portable figure is the

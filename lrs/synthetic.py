@@ -79,15 +79,22 @@ def make_problem(
 def _sample(kx, kn, km, truth: LRSParams, m, noise, m_min):
     t, d = truth.V.shape[0], truth.U.shape[0]
     dtype = truth.U.dtype
-    X = jax.random.normal(kx, (t, m, d), dtype)
-    theta = truth.V @ truth.U.T + truth.B.dense()
-    y = jnp.einsum("tmd,td->tm", X, theta) + noise * jax.random.normal(
-        kn, (t, m), dtype
-    )
     if m_min is None:
         mask = jnp.ones((t, m), bool)
     else:
         counts = jax.random.randint(km, (t,), m_min, m + 1)
         mask = jnp.arange(m)[None, :] < counts[:, None]
-    X = jnp.where(mask[..., None], X, 0)
+
+    def user_features(args):  # one key per user: independent of the batching
+        key, row_mask = args
+        return jnp.where(row_mask[:, None], jax.random.normal(key, (m, d), dtype), 0)
+
+    # Batches of users keep the peak memory near the size of X itself.
+    # A divisor of t: a remainder batch would be concatenated, copying X.
+    target = max(1, min(t, (64 * 2**20) // (m * d * dtype.itemsize)))
+    batch = max(b for b in range(1, target + 1) if t % b == 0)
+    X = jax.lax.map(user_features, (jax.random.split(kx, t), mask), batch_size=batch)
+    theta = truth.V @ truth.U.T + truth.B.dense()
+    y = jnp.einsum("tmd,td->tm", X, theta)
+    y = y + noise * jax.random.normal(kn, (t, m), dtype)
     return X, jnp.where(mask, y, 0), mask

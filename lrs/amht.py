@@ -207,13 +207,9 @@ def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
     info0 = _with_truth(info0, state, truth, d)
     if report:
         jax.debug.callback(_report, 0, info0, ordered=True)
+    # Entry i holds iteration i; fit() drops the entries after the last one.
     history = jax.tree.map(
-        lambda a: (
-            jnp.full((config.num_iters + 1,), jnp.nan, a.dtype).at[0].set(a)
-            if jnp.issubdtype(a.dtype, jnp.floating)
-            else jnp.zeros((config.num_iters + 1,), a.dtype).at[0].set(a)
-        ),
-        info0,
+        lambda a: jnp.zeros((config.num_iters + 1,), a.dtype).at[0].set(a), info0
     )
 
     def cond(carry):

@@ -79,6 +79,15 @@ def predict(params: LRSParams, X: jax.Array, user_ids: jax.Array) -> jax.Array:
         raise ValueError(
             f"user_ids must have shape ({X.shape[0]},) to match X; got {user_ids.shape}"
         )
+    if not isinstance(user_ids, jax.core.Tracer) and user_ids.size:
+        t = params.V.shape[0]
+        if not jnp.issubdtype(user_ids.dtype, jnp.integer):
+            raise ValueError(f"user_ids must be integers; got {user_ids.dtype}")
+        low, high = int(user_ids.min()), int(user_ids.max())
+        if low < 0 or high >= t:
+            raise ValueError(
+                f"user_ids must lie in [0, {t}) (the fitted users); got [{low}, {high}]"
+            )
     low_rank = jnp.einsum("nd,dr,nr->n", X, params.U, params.V[user_ids])
     idx, val = params.B.indices[user_ids], params.B.values[user_ids]
     sparse = jnp.sum(jnp.take_along_axis(X, idx, axis=1) * val, axis=1)

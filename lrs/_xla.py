@@ -1,10 +1,15 @@
-"""XLA-on-CPU configuration that must happen before JAX is imported.
+"""CPU runtime settings that must be made before JAX's first computation.
 
-XLA's multi-threaded Eigen pool on CPU can deadlock on vmap-heavy programs
-(jax-ml/jax#24219): a jitted fit hangs forever at 0% CPU. Setting
-``--xla_cpu_multi_thread_eigen=false`` avoids it. The CLI, the benchmark
-scripts and the test suite call :func:`avoid_cpu_deadlock` before importing
-JAX; library users who hit a hang can do the same (or set ``XLA_FLAGS``).
+1. XLA's multi-threaded Eigen pool on CPU can deadlock on vmap-heavy programs
+   (jax-ml/jax#24219): a jitted fit hangs forever at 0% CPU. Setting
+   ``--xla_cpu_multi_thread_eigen=false`` avoids it.
+2. The LAPACK kernels behind ``jnp.linalg`` on CPU run on OpenBLAS threads that
+   busy-wait; on a small, shared machine a 100 x 100 eigendecomposition then
+   takes 20-300 ms instead of 1.3 ms. ``OPENBLAS_NUM_THREADS=1`` avoids it.
+
+The CLI, the benchmark scripts and the test suite call
+:func:`avoid_cpu_deadlock` first; library users who see a hang or erratic
+timings can do the same (or set the variables themselves).
 """
 
 import os
@@ -14,19 +19,22 @@ DEADLOCK_FLAG = "--xla_cpu_multi_thread_eigen=false"
 
 
 def avoid_cpu_deadlock() -> bool:
-    """Adds the deadlock work-around to ``XLA_FLAGS`` unless the user opted out.
+    """Sets ``XLA_FLAGS`` and ``OPENBLAS_NUM_THREADS`` unless the user opted out.
 
-    Returns True when the flag is in effect for the JAX about to be imported.
-    Set ``LRS_KEEP_XLA_FLAGS=1`` to leave ``XLA_FLAGS`` untouched.
+    Only adds what is not already set. XLA reads ``XLA_FLAGS`` when its CPU
+    backend starts (the first computation), so call this before that.
+
+    Returns:
+      True when the deadlock flag will be in effect for this process.
+      Set ``LRS_KEEP_XLA_FLAGS=1`` to leave the environment untouched.
     """
-    if os.environ.get("LRS_KEEP_XLA_FLAGS") == "1":
-        return DEADLOCK_FLAG in os.environ.get("XLA_FLAGS", "")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " " + DEADLOCK_FLAG).strip()
-    # XLA reads XLA_FLAGS when its CPU backend starts (the first computation),
-    # so importing jax earlier is fine; a backend already started ignores it.
-    return DEADLOCK_FLAG in os.environ["XLA_FLAGS"] and not _backend_started()
+    if os.environ.get("LRS_KEEP_XLA_FLAGS") != "1":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " " + DEADLOCK_FLAG).strip()
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    in_flags = DEADLOCK_FLAG in os.environ.get("XLA_FLAGS", "")
+    return in_flags and not _backend_started()
 
 
 def _backend_started() -> bool:
@@ -36,5 +44,5 @@ def _backend_started() -> bool:
         from jax._src import xla_bridge
 
         return bool(getattr(xla_bridge, "_backends", {}))
-    except Exception:  # private API moved: assume the worst is not known
+    except Exception:  # private API moved: cannot tell, assume not started
         return False

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrs.linalg import hard_threshold, spd_solve
+from lrs.linalg import hard_threshold, spd_solve, top_k_indices
 
 
 class UserFit(NamedTuple):
@@ -53,8 +53,8 @@ def pursuit_step(A, X, y, fit: UserFit, ridge=0.0) -> tuple[UserFit, jax.Array]:
     """
     k, d = fit.support.shape[0], X.shape[1]
     proxy = jnp.abs(X.T @ _residual(A, X, y, fit)).at[fit.support].set(-1.0)
-    _, new = jax.lax.top_k(proxy, min(k, d - k))
-    merged = jnp.concatenate([fit.support, new.astype(jnp.int32)])
+    new = top_k_indices(proxy, min(k, d - k))
+    merged = jnp.concatenate([fit.support, new])
     wide = lstsq_on_support(A, X, y, merged, ridge)
     keep, _ = hard_threshold(wide.b, k)
     candidate = lstsq_on_support(A, X, y, merged[keep], ridge)

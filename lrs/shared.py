@@ -153,14 +153,17 @@ def moment_operator(data, Q, chunk_size) -> jax.Array:
 def moment_init(data, rank: int, key, *, eigensolver: str, iters: int, chunk_size):
     """Top-``rank`` eigenvectors of the moment matrix ``sum_ij y_ij^2 x_ij x_ij^T``.
 
-    ``eigensolver='dense'`` forms the d x d matrix once; ``'subspace'`` runs
+    ``eigensolver='dense'`` forms the d x d matrix once and takes its top
+    singular vectors; ``'subspace'`` runs
     ``iters`` rounds of block subspace iteration (one data pass each) with
     ``rank + 5`` columns, then a Rayleigh-Ritz step.
     """
     d = data.X.shape[2]
     if eigensolver == "dense":
-        _, vecs = jnp.linalg.eigh(moment_matrix(data, chunk_size))
-        U = vecs[:, ::-1][:, :rank]
+        # The matrix is symmetric PSD, so its singular vectors are eigenvectors;
+        # XLA's CPU SVD is ~20x faster than its eigh at d = 100.
+        vecs, _, _ = jnp.linalg.svd(moment_matrix(data, chunk_size))
+        U = vecs[:, :rank]
     else:
         p = min(rank + 5, d)
         Q0, _ = orthonormalize(jax.random.normal(key, (d, p), data.X.dtype))

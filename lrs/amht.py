@@ -38,6 +38,7 @@ class AMHTState(NamedTuple):
     indices: jax.Array  # (t, k) int32
     values: jax.Array  # (t, k)
     loss: jax.Array  # () mean squared training residual
+    score: jax.Array  # (t,) relative residual ||res_i||^2 / ||y_i||^2 of each user
     half_step: jax.Array  # () int32, counts steps for fresh_samples batches
 
 
@@ -66,56 +67,85 @@ def _chunk(data: UserData, config: AMHTConfig) -> int:
     return config.chunk_size(m, d, data.X.dtype.itemsize)
 
 
+def _masked(X, y, mask):
+    return jnp.where(mask[..., None], X, 0), jnp.where(mask, y, 0)
+
+
 def per_user_step(data: UserData, U, warm, config: AMHTConfig, extra_steps: int = 0):
     """Fits every user's ``v_i`` and k-sparse ``b_i`` given ``U``.
+
+    Pursuit for all users (chunk by chunk), then :func:`_rescue_worst` on the
+    users with the largest relative residual. A cold start (``warm=None``) gets
+    3 extra pursuit steps. The result does not depend on the chunk size.
 
     Args:
       warm: ``(t, k)`` previous supports, or None for a cold start.
 
     Returns:
-      ``(V (t, r), indices (t, k), values (t, k), total squared residual)``.
+      a :class:`peruser.UserFit` with leading axis ``t``.
     """
-    k, steps = config.sparsity, config.inner_steps + extra_steps
+    k = config.sparsity
+    steps = config.inner_steps + extra_steps + (3 if warm is None else 0)
 
     def fn(args, fresh):
-        X, y, mask, support = args
-        X = jnp.where(mask[..., None], X, 0)
-        y = jnp.where(mask, y, 0)
+        X, y = _masked(*args[:3])
+        support = args[3]
         A = X @ U
         if support is None:
             support = jax.vmap(peruser.cold_support, (0, 0, 0, None, None))(
                 A, X, y, k, config.ridge
             )
-        fits = peruser.pursue(A, X, y, support, steps, config.ridge)
-        fits = _rescue_worst(X, y, U, fits, config)
-        return fits, jnp.sum(fits.sq_residual * fresh)
+        return peruser.pursue(A, X, y, support, steps, config.ridge), None
 
-    args = (data.X, data.y, data.mask, warm)
-    fits, total = map_user_chunks(fn, args, _chunk(data, config))
-    return fits.v, fits.support, fits.b, total
+    chunk = _chunk(data, config)
+    fits, _ = map_user_chunks(fn, (data.X, data.y, data.mask, warm), chunk)
+    return _rescue_worst(data, U, fits, config, chunk)
 
 
-def _rescue_worst(X, y, U, fits: peruser.UserFit, config: AMHTConfig):
-    """Runs :func:`peruser.rescue` on the chunk's users with the worst fit."""
-    c = X.shape[0]
-    n = min(c, math.ceil(config.rescue_fraction * c))
+def _relative_residual(data: UserData, sq_residual) -> jax.Array:
+    y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2, axis=1)
+    return sq_residual / (y_sq + jnp.finfo(y_sq.dtype).tiny)
+
+
+def _state(U, fits: peruser.UserFit, data: UserData, half_step) -> AMHTState:
+    loss = jnp.sum(fits.sq_residual) / jnp.sum(data.mask)
+    score = _relative_residual(data, fits.sq_residual)
+    return AMHTState(U, fits.v, fits.support, fits.b, loss, score, half_step)
+
+
+def _rescue_worst(data: UserData, U, fits: peruser.UserFit, config, chunk: int):
+    """Runs :func:`peruser.rescue` on the ``rescue_fraction`` of users that fit worst.
+
+    Skipped when the worst users do not stand out (largest relative residual
+    below 10x the median): at a fixed point where every user fits equally well
+    there is nothing to rescue.
+    """
+    t = data.X.shape[0]
+    n = min(t, math.ceil(config.rescue_fraction * t))
     if n == 0 or config.sparsity == 0:
         return fits
-    score = fits.sq_residual / (jnp.sum(y * y, axis=1) + jnp.finfo(y.dtype).tiny)
+    score = _relative_residual(data, fits.sq_residual)
     _, worst = jax.lax.top_k(score, n)
-    rescue = functools.partial(
-        peruser.rescue,
-        steps=config.inner_steps + 2,
-        l1_steps=config.l1_steps,
-        ridge=config.ridge,
-    )
     subset = jax.tree.map(lambda a: a[worst], fits)
-    # Only when the worst users stand out from the typical one: at a fixed
-    # point where every user fits equally well there is nothing to rescue.
-    floor = 10 * jnp.median(score) + 1e3 * jnp.finfo(y.dtype).eps
+
+    def fn(args, fresh):
+        users, current = args
+        X, y = _masked(data.X[users], data.y[users], data.mask[users])
+        better = peruser.rescue(
+            X,
+            y,
+            U,
+            current,
+            steps=config.inner_steps + 2,
+            l1_steps=config.l1_steps,
+            ridge=config.ridge,
+        )
+        return better, None
+
+    floor = 10 * jnp.median(score) + 1e3 * jnp.finfo(score.dtype).eps
     better = jax.lax.cond(
         jnp.max(score) > floor,
-        lambda: rescue(X[worst], y[worst], U, subset),
+        lambda: map_user_chunks(fn, (worst, subset), chunk)[0],
         lambda: subset,
     )
     return jax.tree.map(lambda a, b: a.at[worst].set(b), fits, better)
@@ -142,16 +172,20 @@ def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
             chunk_size=_chunk(data, config),
         )
     masked = data._replace(mask=_batch_mask(data, config, 1))
-    V, idx, val, sq = per_user_step(masked, U, None, config)
-    half = jnp.asarray(2, jnp.int32)
-    return AMHTState(U, V, idx, val, sq / jnp.sum(masked.mask), half)
+    fits = per_user_step(masked, U, None, config)
+    return _state(U, fits, masked, jnp.asarray(2, jnp.int32))
 
 
 def step(state: AMHTState, data: UserData, config: AMHTConfig):
     """One iteration: the shared U step, then the per-user step."""
     _, cg_tol = config.tolerances(data.X.dtype)
+    U_dtype = data.X.dtype
     chunk = _chunk(data, config)
-    shared_data = data._replace(mask=_batch_mask(data, config, state.half_step))
+    # Users whose fit is an outlier (relative residual above 100x the median,
+    # typically a wrong support) sit out the shared step rather than bias U.
+    inlier = state.score <= 100 * jnp.median(state.score) + jnp.finfo(U_dtype).eps
+    shared_mask = _batch_mask(data, config, state.half_step) & inlier[:, None]
+    shared_data = data._replace(mask=shared_mask)
     U, V, stats = update_U(
         shared_data,
         state.U,
@@ -161,17 +195,16 @@ def step(state: AMHTState, data: UserData, config: AMHTConfig):
         ridge=config.ridge,
         solver=config.u_solver,
         max_iters=config.cg_iters,
-        tol=cg_tol,
+        # Inexact U steps: no more accuracy than the current fit warrants.
+        tol=jnp.maximum(cg_tol, 0.1 * jnp.sqrt(jnp.median(state.score))),
         chunk_size=chunk,
     )
     user_data = data._replace(mask=_batch_mask(data, config, state.half_step + 1))
-    V, idx, val, sq = per_user_step(user_data, U, state.indices, config)
-    loss = sq / jnp.sum(user_data.mask)
-    new = AMHTState(U, V, idx, val, loss, state.half_step + 2)
+    fits = per_user_step(user_data, U, state.indices, config)
+    new = _state(U, fits, user_data, state.half_step + 2)
     nan = jnp.full((), jnp.nan, U.dtype)
-    info = AMHTInfo(
-        loss, metrics.subspace_distance(state.U, U), stats.cg_iters, nan, nan
-    )
+    change = metrics.subspace_distance(state.U, U)
+    info = AMHTInfo(new.loss, change, stats.cg_iters, nan, nan)
     return new, info
 
 
@@ -324,6 +357,6 @@ def personalize(U, data_new: UserData, config: AMHTConfig):
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _personalize(U, data, config):
-    V, idx, val, _ = per_user_step(data, U, None, config, extra_steps=3)
-    V, idx, val, _ = per_user_step(data, U, idx, config)
-    return V, idx, val
+    fits = per_user_step(data, U, None, config)
+    fits = per_user_step(data, U, fits.support, config)
+    return fits.v, fits.support, fits.b

@@ -152,9 +152,15 @@ def _rescue_worst(data: UserData, U, fits: peruser.UserFit, config, chunk: int):
 
 
 def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
-    """Initial U (moments, random or given) and the per-user fit against it."""
+    """Initial U (moments, random or given) and the per-user fit against it.
+
+    ``U0`` overrides ``config.init``; an array ``config.init`` is used when
+    ``U0`` is None. Unlike :func:`fit`, this does not validate its inputs.
+    """
     d = data.X.shape[2]
-    if config.init == "given":
+    if U0 is None and not isinstance(config.init, str):
+        U0 = jnp.asarray(config.init, data.X.dtype)
+    if U0 is not None:
         U = orthonormalize(U0)[0]
     elif config.init == "random":
         U = orthonormalize(jax.random.normal(key, (d, config.rank), data.X.dtype))[0]
@@ -222,12 +228,20 @@ def _with_truth(info: AMHTInfo, state: AMHTState, truth, d: int) -> AMHTInfo:
     )
 
 
-_REPORTER: list[Callable] = []
+# The callback of the running fit and any exception it raised; a stack so a
+# callback may itself run a fit. Not thread-safe: one fit with a callback at a
+# time per process.
+_REPORTER: list[list] = []
 
 
 def _report(i, info):
-    if _REPORTER:
-        _REPORTER[-1](int(i), jax.tree.map(lambda a: np.asarray(a).item(), info))
+    if not _REPORTER or _REPORTER[-1][1] is not None:
+        return
+    entry = _REPORTER[-1]
+    try:
+        entry[0](int(i), jax.tree.map(lambda a: np.asarray(a).item(), info))
+    except Exception as error:  # re-raised by fit() once the program finishes
+        entry[1] = error
 
 
 @functools.partial(jax.jit, static_argnames=("config", "report"))
@@ -313,14 +327,15 @@ def fit(
         check_truth(truth, t, d)
     key = jax.random.key(0) if key is None else key
     if callback is not None:
-        _REPORTER.append(callback)
+        _REPORTER.append([callback, None])
     try:
         params, history, done = _fit(data, config, key, U0, truth, callback is not None)
         jax.block_until_ready(params)
         jax.effects_barrier()
     finally:
-        if callback is not None:
-            _REPORTER.pop()
+        error = _REPORTER.pop()[1] if callback is not None else None
+    if error is not None:
+        raise error
     n = int(done) + 1
     diagnostics = jax.tree.map(lambda h: np.asarray(h)[:n], history)
     _raise_if_nonfinite(params, diagnostics)
@@ -338,7 +353,15 @@ def _raise_if_nonfinite(params: LRSParams, diagnostics: AMHTInfo) -> None:
 
 
 def personalize(U, data_new: UserData, config: AMHTConfig):
-    """Cold start: fits ``(V_new (t, r), B_new SparseRows)`` for new users, U fixed."""
+    """Cold start: fits ``(V_new (t, r), B_new SparseRows)`` for new users, U fixed.
+
+    Uses all of each new user's samples (``fresh_samples`` does not apply).
+    """
+    if not isinstance(config, AMHTConfig):
+        raise ValueError(f"config must be an lrs.AMHTConfig; got {type(config)}")
+    # The initialization is irrelevant here; drop an init array so the config
+    # stays hashable for jit.
+    config = dataclasses.replace(config, fresh_samples=0, init="moments")
     data_new = check_data(data_new, config, name="data_new")
     U = jnp.asarray(U, data_new.X.dtype)
     d = data_new.X.shape[2]
@@ -346,12 +369,7 @@ def personalize(U, data_new: UserData, config: AMHTConfig):
         raise ValueError(
             f"U must have shape (d, rank) = {(d, config.rank)}; got {U.shape}"
         )
-    cfg = (
-        config
-        if isinstance(config.init, str)
-        else dataclasses.replace(config, init="given")
-    )
-    V, idx, val = _personalize(U, data_new, cfg)
+    V, idx, val = _personalize(U, data_new, config)
     return V, SparseRows(idx, val, d)
 
 

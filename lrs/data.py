@@ -113,7 +113,9 @@ class UserData(NamedTuple):
             raise ValueError("Xs is empty: zero users")
         Xs = [_as_real_array(np.asarray(x), f"Xs[{i}]") for i, x in enumerate(Xs)]
         ys = [_as_real_array(np.asarray(v), f"ys[{i}]") for i, v in enumerate(ys)]
-        d = Xs[0].shape[-1] if Xs[0].ndim == 2 else None
+        if Xs[0].ndim != 2:
+            raise ValueError(f"Xs[0] must have shape (m_0, d); got {Xs[0].shape}")
+        d = Xs[0].shape[1]
         for i, (x, v) in enumerate(zip(Xs, ys)):
             if x.ndim != 2 or x.shape[1] != d:
                 raise ValueError(f"Xs[{i}] must have shape (m_i, {d}); got {x.shape}")

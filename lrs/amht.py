@@ -71,35 +71,45 @@ def _masked(X, y, mask):
     return jnp.where(mask[..., None], X, 0), jnp.where(mask, y, 0)
 
 
-def per_user_step(data: UserData, U, warm, config: AMHTConfig, extra_steps: int = 0):
+def per_user_step(data: UserData, U, warm, config: AMHTConfig, steps=None):
     """Fits every user's ``v_i`` and k-sparse ``b_i`` given ``U``.
 
     Pursuit for all users (chunk by chunk), then :func:`_rescue_worst` on the
-    users with the largest relative residual. A cold start (``warm=None``) gets
-    3 extra pursuit steps. The result does not depend on the chunk size.
+    users with the largest relative residual. The result does not depend on
+    the chunk size.
 
     Args:
-      warm: ``(t, k)`` previous supports, or None for a cold start.
+      warm: ``(t, k)`` previous supports, or None for a cold start
+        (:func:`cold_supports`).
+      steps: pursuit steps (may be traced); default ``config.inner_steps``,
+        plus 3 for a cold start.
 
     Returns:
       a :class:`peruser.UserFit` with leading axis ``t``.
     """
-    k = config.sparsity
-    steps = config.inner_steps + extra_steps + (3 if warm is None else 0)
+    if steps is None:
+        steps = config.inner_steps + (3 if warm is None else 0)
+    if warm is None:
+        warm = cold_supports(data, U, config)
 
     def fn(args, fresh):
         X, y = _masked(*args[:3])
-        support = args[3]
-        A = X @ U
-        if support is None:
-            support = jax.vmap(peruser.cold_support, (0, 0, 0, None, None))(
-                A, X, y, k, config.ridge
-            )
-        return peruser.pursue(A, X, y, support, steps, config.ridge), None
+        return peruser.pursue(X @ U, X, y, args[3], steps, config.ridge), None
 
     chunk = _chunk(data, config)
     fits, _ = map_user_chunks(fn, (data.X, data.y, data.mask, warm), chunk)
     return _rescue_worst(data, U, fits, config, chunk)
+
+
+def cold_supports(data: UserData, U, config: AMHTConfig) -> jax.Array:
+    """``(t, k)`` starting supports: top-k correlations with the low-rank residual."""
+
+    def fn(args, fresh):
+        X, y = _masked(*args)
+        cold = jax.vmap(peruser.cold_support, (0, 0, 0, None, None))
+        return cold(X @ U, X, y, config.sparsity, config.ridge), None
+
+    return map_user_chunks(fn, (data.X, data.y, data.mask), _chunk(data, config))[0]
 
 
 def _relative_residual(data: UserData, sq_residual) -> jax.Array:
@@ -151,49 +161,49 @@ def _rescue_worst(data: UserData, U, fits: peruser.UserFit, config, chunk: int):
     return jax.tree.map(lambda a, b: a.at[worst].set(b), fits, better)
 
 
-def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
-    """Initial U (moments, random or given) and the per-user fit against it.
-
-    ``U0`` overrides ``config.init``; an array ``config.init`` is used when
-    ``U0`` is None. Unlike :func:`fit`, this does not validate its inputs.
-    """
+def initial_U(data: UserData, config: AMHTConfig, key, U0=None) -> jax.Array:
+    """The starting ``U (d, r)``: ``U0``, an array ``config.init``, random, moments."""
     d = data.X.shape[2]
     if U0 is None and not isinstance(config.init, str):
         U0 = jnp.asarray(config.init, data.X.dtype)
     if U0 is not None:
-        U = orthonormalize(U0)[0]
-    elif config.init == "random":
-        U = orthonormalize(jax.random.normal(key, (d, config.rank), data.X.dtype))[0]
-    else:
-        solver = config.init_eigensolver
-        if solver == "auto":
-            solver = "dense" if d <= 4096 else "subspace"
-        masked = data._replace(mask=_batch_mask(data, config, 0))
-        U = moment_init(
-            masked,
-            config.rank,
-            key,
-            eigensolver=solver,
-            iters=config.init_iters,
-            chunk_size=_chunk(data, config),
-        )
+        return orthonormalize(U0)[0]
+    if config.init == "random":
+        return orthonormalize(jax.random.normal(key, (d, config.rank), data.X.dtype))[0]
+    solver = config.init_eigensolver
+    if solver == "auto":
+        solver = "dense" if d <= 4096 else "subspace"
+    return moment_init(
+        data._replace(mask=_batch_mask(data, config, 0)),
+        config.rank,
+        key,
+        eigensolver=solver,
+        iters=config.init_iters,
+        chunk_size=_chunk(data, config),
+    )
+
+
+def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
+    """Initial U (:func:`initial_U`) and the cold-started per-user fit against it.
+
+    Unlike :func:`fit`, this does not validate its inputs.
+    """
+    U = initial_U(data, config, key, U0)
     masked = data._replace(mask=_batch_mask(data, config, 1))
     fits = per_user_step(masked, U, None, config)
     return _state(U, fits, masked, jnp.asarray(2, jnp.int32))
 
 
-def step(state: AMHTState, data: UserData, config: AMHTConfig):
-    """One iteration: the shared U step, then the per-user step."""
+def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig):
+    """The shared step of :func:`step`: ``(U_new, cg_iters)``."""
     _, cg_tol = config.tolerances(data.X.dtype)
-    U_dtype = data.X.dtype
-    chunk = _chunk(data, config)
     # Users whose fit is an outlier (relative residual above 100x the median,
     # typically a wrong support) sit out the shared step rather than bias U.
-    inlier = state.score <= 100 * jnp.median(state.score) + jnp.finfo(U_dtype).eps
+    median = jnp.median(state.score)
+    inlier = state.score <= 100 * median + jnp.finfo(data.X.dtype).eps
     shared_mask = _batch_mask(data, config, state.half_step) & inlier[:, None]
-    shared_data = data._replace(mask=shared_mask)
-    U, V, stats = update_U(
-        shared_data,
+    U, _, stats = update_U(
+        data._replace(mask=shared_mask),
         state.U,
         state.V,
         state.indices,
@@ -202,16 +212,36 @@ def step(state: AMHTState, data: UserData, config: AMHTConfig):
         solver=config.u_solver,
         max_iters=config.cg_iters,
         # Inexact U steps: no more accuracy than the current fit warrants.
-        tol=jnp.maximum(cg_tol, 0.1 * jnp.sqrt(jnp.median(state.score))),
-        chunk_size=chunk,
+        tol=jnp.maximum(cg_tol, 0.1 * jnp.sqrt(median)),
+        chunk_size=_chunk(data, config),
     )
+    return U, stats.cg_iters
+
+
+def _iterate(state: AMHTState, data: UserData, config: AMHTConfig, first):
+    """Shared step (skipped when ``first``, which may be traced) + per-user step."""
+    if first is False:
+        U, cg_iters = _shared_update(state, data, config)
+        steps = config.inner_steps
+    else:
+        U, cg_iters = jax.lax.cond(
+            first,
+            lambda s: (s.U, jnp.zeros((), jnp.int32)),
+            lambda s: _shared_update(s, data, config),
+            state,
+        )
+        steps = config.inner_steps + 3 * first.astype(jnp.int32)
     user_data = data._replace(mask=_batch_mask(data, config, state.half_step + 1))
-    fits = per_user_step(user_data, U, state.indices, config)
+    fits = per_user_step(user_data, U, state.indices, config, steps)
     new = _state(U, fits, user_data, state.half_step + 2)
     nan = jnp.full((), jnp.nan, U.dtype)
-    change = metrics.subspace_distance(state.U, U)
-    info = AMHTInfo(new.loss, change, stats.cg_iters, nan, nan)
-    return new, info
+    change = jnp.where(first, nan, metrics.subspace_distance(state.U, U))
+    return new, AMHTInfo(new.loss, change, cg_iters, nan, nan)
+
+
+def step(state: AMHTState, data: UserData, config: AMHTConfig):
+    """One iteration: the shared U step, then the per-user step."""
+    return _iterate(state, data, config, False)
 
 
 def _params(state: AMHTState, d: int) -> LRSParams:
@@ -246,40 +276,52 @@ def _report(i, info):
 
 @functools.partial(jax.jit, static_argnames=("config", "report"))
 def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
+    """init + the loop of steps, with the per-user step traced only once.
+
+    Iteration 0 is :func:`init`'s per-user step (cold supports, no shared
+    step); iterations 1.. are :func:`step`. Same results as calling them.
+    """
     d = data.X.shape[2]
     tol, _ = config.tolerances(data.X.dtype)
-    state = init(data, config, key, U0)
-    nan = jnp.full((), jnp.nan, data.X.dtype)
-    info0 = AMHTInfo(state.loss, nan, jnp.zeros((), jnp.int32), nan, nan)
-    info0 = _with_truth(info0, state, truth, d)
-    if report:
-        jax.debug.callback(_report, 0, info0, ordered=True)
-    # Entry i holds iteration i; fit() drops the entries after the last one.
-    history = jax.tree.map(
-        lambda a: jnp.zeros((config.num_iters + 1,), a.dtype).at[0].set(a), info0
+    U = initial_U(data, config, key, U0)
+    cold = cold_supports(data._replace(mask=_batch_mask(data, config, 1)), U, config)
+    t, r = data.X.shape[0], config.rank
+    zeros = jnp.zeros((t, config.sparsity), data.X.dtype)
+    state = AMHTState(
+        U,
+        jnp.zeros((t, r), U.dtype),
+        cold,
+        zeros,
+        jnp.zeros((), U.dtype),
+        jnp.zeros((t,), U.dtype),
+        jnp.zeros((), jnp.int32),
     )
+    info = AMHTInfo(
+        *(jnp.zeros((), U.dtype),) * 2,
+        jnp.zeros((), jnp.int32),
+        *(jnp.zeros((), U.dtype),) * 2,
+    )
+    # Entry i holds iteration i; fit() drops the entries after the last one.
+    history = jax.tree.map(lambda a: jnp.zeros((config.num_iters + 1,), a.dtype), info)
 
     def cond(carry):
         i, state, _, change = carry
-        return (i < config.num_iters) & (change >= tol) & jnp.isfinite(state.loss)
+        going = (i <= config.num_iters) & (change >= tol) & jnp.isfinite(state.loss)
+        return (i == 0) | going
 
     def body(carry):
         i, state, history, _ = carry
-        state, info = step(state, data, config)
+        state, info = _iterate(state, data, config, i == 0)
         info = _with_truth(info, state, truth, d)
         if report:
-            jax.debug.callback(_report, i + 1, info, ordered=True)
-        history = jax.tree.map(lambda h, a: h.at[i + 1].set(a), history, info)
-        return i + 1, state, history, info.u_change
+            jax.debug.callback(_report, i, info, ordered=True)
+        history = jax.tree.map(lambda h, a: h.at[i].set(a), history, info)
+        return i + 1, state, history, jnp.where(i == 0, jnp.inf, info.u_change)
 
-    init_carry = (
-        jnp.zeros((), jnp.int32),
-        state,
-        history,
-        jnp.asarray(jnp.inf, nan.dtype),
-    )
-    done, state, history, _ = jax.lax.while_loop(cond, body, init_carry)
-    return _params(state, d), history, done
+    inf = jnp.asarray(jnp.inf, U.dtype)
+    carry = (jnp.zeros((), jnp.int32), state, history, inf)
+    done, state, history, _ = jax.lax.while_loop(cond, body, carry)
+    return _params(state, d), history, done - 1
 
 
 def fit(

@@ -71,7 +71,7 @@ def pursue(A, X, y, support, steps: int, ridge=0.0) -> UserFit:
     over the whole batch and stops early once no user's support moves.
     """
     fits = jax.vmap(lstsq_on_support, (0, 0, 0, 0, None))(A, X, y, support, ridge)
-    if support.shape[-1] == 0 or steps == 0:
+    if support.shape[-1] == 0 or (isinstance(steps, int) and steps == 0):
         return fits
     step = jax.vmap(pursuit_step, (0, 0, 0, 0, None))
 

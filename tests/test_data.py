@@ -153,7 +153,9 @@ def test_from_ragged_pads_with_zeros_and_masks():
     assert data.num_users == 4 and data.dim == 4
     np.testing.assert_array_equal(data.counts, counts)
     mask = np.asarray(data.mask)
-    np.testing.assert_array_equal(mask, np.arange(5)[None, :] < np.array(counts)[:, None])
+    np.testing.assert_array_equal(
+        mask, np.arange(5)[None, :] < np.array(counts)[:, None]
+    )
     X, y = np.asarray(data.X), np.asarray(data.y)
     for i, m in enumerate(counts):
         np.testing.assert_array_equal(X[i, :m], Xs[i])

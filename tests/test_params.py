@@ -53,7 +53,9 @@ def test_weights_is_V_Ut_plus_B():
     rng = np.random.default_rng(1)
     p = _random_params(rng)
     U, V = np.asarray(p.U), np.asarray(p.V)
-    expected = V @ U.T + _numpy_dense(np.asarray(p.B.indices), np.asarray(p.B.values), 7)
+    expected = V @ U.T + _numpy_dense(
+        np.asarray(p.B.indices), np.asarray(p.B.values), 7
+    )
     np.testing.assert_allclose(np.asarray(weights(p)), expected, rtol=1e-13, atol=1e-13)
 
 
@@ -91,8 +93,19 @@ def test_predict_is_jittable_and_matches_weights():
         (np.ones(7), np.zeros(1, int), r"\bX\b.*shape"),
         (np.ones((3, 7)), np.zeros(2, int), r"\buser_ids\b.*shape"),
         (np.ones((3, 7)), np.zeros((3, 1), int), r"\buser_ids\b.*shape"),
+        (np.ones((2, 7)), np.array([0, 5]), r"\buser_ids\b.*\[0, 5\)"),
+        (np.ones((2, 7)), np.array([-1, 0]), r"\buser_ids\b"),
+        (np.ones((2, 7)), np.array([0.0, 1.0]), r"\buser_ids\b.*integer"),
     ],
-    ids=["wrong-d", "X-1d", "short-users", "2d-users"],
+    ids=[
+        "wrong-d",
+        "X-1d",
+        "short-users",
+        "2d-users",
+        "too-large",
+        "negative",
+        "float",
+    ],
 )
 def test_predict_refuses_mismatched_shapes(X, users, match):
     p = _random_params(np.random.default_rng(4))

@@ -76,10 +76,14 @@ class AMHTConfig:
             _check_int("user_chunk_size", self.user_chunk_size, 1)
         for name in ("tol", "cg_tol"):
             value = getattr(self, name)
-            if value is not None and not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be >= 0 or None; got {value!r}")
-        if not (np.isfinite(self.ridge) and self.ridge >= 0):
+            if value is not None:
+                _check_real(name, value, "a finite number >= 0 or None")
+                if value < 0:
+                    raise ValueError(f"{name} must be >= 0 or None; got {value!r}")
+        _check_real("ridge", self.ridge, "a finite number >= 0")
+        if self.ridge < 0:
             raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
+        _check_real("rescue_fraction", self.rescue_fraction, "a number in [0, 1]")
         if not 0 <= self.rescue_fraction <= 1:
             raise ValueError(
                 f"rescue_fraction must lie in [0, 1]; got {self.rescue_fraction!r}"
@@ -129,3 +133,10 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer; got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
+
+
+def _check_real(name: str, value, expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be {expected}; got {value!r}")

@@ -157,6 +157,10 @@ class UserData(NamedTuple):
                 f"X must be (N, d) and y (N,) with N = len(user_ids) = "
                 f"{len(user_ids)}; got X {X.shape}, y {y.shape}"
             )
+        if len(user_ids) == 0:
+            raise ValueError("user_ids is empty: zero users")
+        _check_finite(X, "X")
+        _check_finite(y, "y")
         unique, index = np.unique(user_ids, return_inverse=True)
         order = np.argsort(index, kind="stable")
         splits = np.cumsum(np.bincount(index, minlength=len(unique)))[:-1]

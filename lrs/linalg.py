@@ -63,7 +63,10 @@ def spd_solve(G: jax.Array, h: jax.Array, ridge: float | jax.Array = 0.0) -> jax
     p = G.shape[-1]
     shift = ridge + jitter(G.dtype) * (jnp.trace(G) / p + 1e-30)
     L = jnp.linalg.cholesky(G + shift * jnp.eye(p, dtype=G.dtype))
-    return jax.scipy.linalg.cho_solve((L, True), h)
+    x = jax.scipy.linalg.cho_solve((L, True), h)
+    # An overflowed system must not pass for a zero solution: make it NaN so
+    # the fit's non-finite check reports it.
+    return jnp.where(jnp.isfinite(G).all() & jnp.isfinite(h).all(), x, jnp.nan)
 
 
 def subspace_distance(U1: jax.Array, U2: jax.Array) -> jax.Array:

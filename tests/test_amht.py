@@ -576,12 +576,6 @@ def test_non_finite_fit_raises_fit_error_naming_the_iteration(
     assert not np.isfinite(seen[-1][1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with X * 1e154 (finite) the per-user Gram matrices overflow to inf, "
-    "the Cholesky solves return v = b = 0, CG then does nothing, u_change = 0 stops "
-    "the loop: fit returns W = 0 (relative error 1) without FitError or warning",
-)
 def test_overflowing_gram_matrices_are_not_a_silent_zero_fit(easy):
     data, truth = easy
     scale = 1e154

@@ -72,11 +72,6 @@ def test_bad_value_raises_value_error_naming_the_field(field, value):
 NON_NUMBERS = ["tol", "cg_tol", "ridge", "rescue_fraction"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a non-numeric tol/cg_tol/ridge/rescue_fraction raises TypeError "
-    "from np.isfinite or '<=' instead of a ValueError naming the field",
-)
 @pytest.mark.parametrize("field", NON_NUMBERS)
 def test_non_numeric_float_field_raises_value_error(field):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):

@@ -310,21 +310,11 @@ def test_from_long_refuses_bad_input(ids, X, y, match):
         UserData.from_long(ids, X, y)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: from_long with N = 0 rows returns one user with zero samples "
-    "(np.split of an empty array gives one piece) instead of refusing zero users",
-)
 def test_from_long_refuses_zero_rows():
     with pytest.raises(ValueError, match=r"user_ids|zero users"):
         UserData.from_long(np.zeros(0, int), np.zeros((0, 3)), np.zeros(0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AWKWARD: from_long's NaN error names 'Xs[i]' (an internal list, i the "
-    "sorted user index), not its own argument 'X'",
-)
 def test_from_long_non_finite_message_names_the_argument():
     X = np.ones((3, 2))
     X[2, 0] = np.nan

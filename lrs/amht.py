@@ -47,7 +47,7 @@ class AMHTInfo(NamedTuple):
 
     loss: jax.Array  # mean squared residual over all training samples
     u_change: jax.Array  # subspace distance between successive U
-    cg_iters: jax.Array  # CG products in the shared step
+    cg_iters: jax.Array  # CG iterations in the shared step
     relative_error: jax.Array  # ||W - W*||_F / ||W*||_F (NaN without truth)
     subspace_distance: jax.Array  # sin of largest angle U vs U* (NaN without truth)
 
@@ -400,7 +400,9 @@ def personalize(U, data_new: UserData, config: AMHTConfig):
     Uses all of each new user's samples (``fresh_samples`` does not apply).
     """
     if not isinstance(config, AMHTConfig):
-        raise ValueError(f"config must be an lrs.AMHTConfig; got {type(config)}")
+        raise ValueError(
+            f"config must be an lrs.AMHTConfig; got {type(config).__name__}"
+        )
     # The initialization is irrelevant here; drop an init array so the config
     # stays hashable for jit.
     config = dataclasses.replace(config, fresh_samples=0, init="moments")

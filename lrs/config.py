@@ -30,16 +30,19 @@ class AMHTConfig:
       u_solver: ``'cg'`` (matrix-free preconditioned conjugate gradients, one
         data pass per product) or ``'dense'`` (forms the (d r)^2 normal matrix;
         small problems and testing only).
-      cg_iters: maximum CG products per shared step.
-      cg_tol: relative residual at which CG stops; ``None``: 1e-5 / 1e-10.
-      rescue_fraction: fraction of each chunk's users, those with the largest
-        relative residual, that get the stronger solver every iteration.
+      cg_iters: maximum CG iterations per shared step.
+      cg_tol: floor of the relative residual at which CG stops (``None``:
+        1e-5 / 1e-10); each shared step stops earlier, at
+        ``0.1 sqrt(median relative residual of the users)``, when that is larger.
+      rescue_fraction: fraction of all users, those with the largest relative
+        residual, that get the stronger solver (when they stand out: largest
+        relative residual above 10x the median).
       l1_steps: FISTA steps of the l1 candidate in that solver (0 disables it).
       user_chunk_size: users processed at once; ``None`` picks the number whose
         data fills ``chunk_bytes``.
       chunk_bytes: memory budget of one chunk of X when ``user_chunk_size`` is None.
-      init_eigensolver: ``'dense'`` eigendecomposition of the d x d moment
-        matrix, ``'subspace'`` iteration (matrix-free), or ``'auto'`` (dense
+      init_eigensolver: ``'dense'`` (top singular vectors of the d x d moment
+        matrix), ``'subspace'`` iteration (matrix-free), or ``'auto'`` (dense
         for d <= 4096).
       init_iters: subspace-iteration rounds of the matrix-free initialization.
     """
@@ -48,7 +51,7 @@ class AMHTConfig:
     sparsity: int
     num_iters: int = 30
     tol: float | None = None
-    inner_steps: int = 2
+    inner_steps: int = 1
     init: object = "moments"
     fresh_samples: int = 0
     ridge: float = 0.0
@@ -56,7 +59,7 @@ class AMHTConfig:
     cg_iters: int = 25
     cg_tol: float | None = None
     rescue_fraction: float = 0.05
-    l1_steps: int = 100
+    l1_steps: int = 50
     user_chunk_size: int | None = None
     chunk_bytes: int = 256 * 2**20
     init_eigensolver: str = "auto"

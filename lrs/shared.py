@@ -19,7 +19,7 @@ from lrs.linalg import orthonormalize, spd_solve
 class SharedStats(NamedTuple):
     """Diagnostics of one shared step."""
 
-    cg_iters: jax.Array  # () int32, operator applications of CG (0 for dense)
+    cg_iters: jax.Array  # () int32, CG iterations (0 for dense)
     cg_residual: jax.Array  # () relative residual of the normal equations
 
 

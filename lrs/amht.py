@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrs import metrics, peruser
-from lrs.chunking import map_user_chunks
 from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.errors import FitError
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows
+from lrs.peruser import chunk_size, cold_supports, per_user_step, relative_residual
 from lrs.shared import moment_init, update_U
 from lrs.validation import check_data, check_init, check_truth
 
@@ -62,103 +61,10 @@ def _batch_mask(data: UserData, config: AMHTConfig, half_step) -> jax.Array:
     return data.mask & ((rank * n) // count == half_step % n)
 
 
-def _chunk(data: UserData, config: AMHTConfig) -> int:
-    _, m, d = data.X.shape
-    return config.chunk_size(m, d, data.X.dtype.itemsize)
-
-
-def _masked(X, y, mask):
-    return jnp.where(mask[..., None], X, 0), jnp.where(mask, y, 0)
-
-
-def per_user_step(data: UserData, U, warm, config: AMHTConfig, steps=None):
-    """Fits every user's ``v_i`` and k-sparse ``b_i`` given ``U``.
-
-    Pursuit for all users (chunk by chunk), then :func:`_rescue_worst` on the
-    users with the largest relative residual. The result does not depend on
-    the chunk size.
-
-    Args:
-      warm: ``(t, k)`` previous supports, or None for a cold start
-        (:func:`cold_supports`).
-      steps: pursuit steps (may be traced); default ``config.inner_steps``,
-        plus 3 for a cold start.
-
-    Returns:
-      a :class:`peruser.UserFit` with leading axis ``t``.
-    """
-    if steps is None:
-        steps = config.inner_steps + (3 if warm is None else 0)
-    if warm is None:
-        warm = cold_supports(data, U, config)
-
-    def fn(args, fresh):
-        X, y = _masked(*args[:3])
-        return peruser.pursue(X @ U, X, y, args[3], steps, config.ridge), None
-
-    chunk = _chunk(data, config)
-    fits, _ = map_user_chunks(fn, (data.X, data.y, data.mask, warm), chunk)
-    return _rescue_worst(data, U, fits, config, chunk)
-
-
-def cold_supports(data: UserData, U, config: AMHTConfig) -> jax.Array:
-    """``(t, k)`` starting supports: top-k correlations with the low-rank residual."""
-
-    def fn(args, fresh):
-        X, y = _masked(*args)
-        cold = jax.vmap(peruser.cold_support, (0, 0, 0, None, None))
-        return cold(X @ U, X, y, config.sparsity, config.ridge), None
-
-    return map_user_chunks(fn, (data.X, data.y, data.mask), _chunk(data, config))[0]
-
-
-def _relative_residual(data: UserData, sq_residual) -> jax.Array:
-    y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2, axis=1)
-    return sq_residual / (y_sq + jnp.finfo(y_sq.dtype).tiny)
-
-
 def _state(U, fits: peruser.UserFit, data: UserData, half_step) -> AMHTState:
     loss = jnp.sum(fits.sq_residual) / jnp.sum(data.mask)
-    score = _relative_residual(data, fits.sq_residual)
+    score = relative_residual(data, fits.sq_residual)
     return AMHTState(U, fits.v, fits.support, fits.b, loss, score, half_step)
-
-
-def _rescue_worst(data: UserData, U, fits: peruser.UserFit, config, chunk: int):
-    """Runs :func:`peruser.rescue` on the ``rescue_fraction`` of users that fit worst.
-
-    Skipped when the worst users do not stand out (largest relative residual
-    below 10x the median): at a fixed point where every user fits equally well
-    there is nothing to rescue.
-    """
-    t = data.X.shape[0]
-    n = min(t, math.ceil(config.rescue_fraction * t))
-    if n == 0 or config.sparsity == 0:
-        return fits
-    score = _relative_residual(data, fits.sq_residual)
-    _, worst = jax.lax.top_k(score, n)
-    subset = jax.tree.map(lambda a: a[worst], fits)
-
-    def fn(args, fresh):
-        users, current = args
-        X, y = _masked(data.X[users], data.y[users], data.mask[users])
-        better = peruser.rescue(
-            X,
-            y,
-            U,
-            current,
-            steps=config.inner_steps + 2,
-            l1_steps=config.l1_steps,
-            ridge=config.ridge,
-        )
-        return better, None
-
-    floor = 10 * jnp.median(score) + 1e3 * jnp.finfo(score.dtype).eps
-    better = jax.lax.cond(
-        jnp.max(score) > floor,
-        lambda: map_user_chunks(fn, (worst, subset), chunk)[0],
-        lambda: subset,
-    )
-    return jax.tree.map(lambda a, b: a.at[worst].set(b), fits, better)
 
 
 def initial_U(data: UserData, config: AMHTConfig, key, U0=None) -> jax.Array:
@@ -179,7 +85,7 @@ def initial_U(data: UserData, config: AMHTConfig, key, U0=None) -> jax.Array:
         key,
         eigensolver=solver,
         iters=config.init_iters,
-        chunk_size=_chunk(data, config),
+        chunk_size=chunk_size(data, config),
     )
 
 
@@ -213,7 +119,7 @@ def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig):
         max_iters=config.cg_iters,
         # Inexact U steps: no more accuracy than the current fit warrants.
         tol=jnp.maximum(cg_tol, 0.1 * jnp.sqrt(median)),
-        chunk_size=_chunk(data, config),
+        chunk_size=chunk_size(data, config),
     )
     return U, stats.cg_iters
 

@@ -14,11 +14,15 @@ candidate, each polished by subspace pursuit; the smallest residual wins.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from lrs.chunking import map_user_chunks
+from lrs.config import AMHTConfig
+from lrs.data import UserData
 from lrs.linalg import hard_threshold, spd_solve, top_k_indices
 
 
@@ -151,3 +155,101 @@ def solve_user(X, y, U, support, *, steps: int, ridge=0.0) -> UserFit:
     """The per-user step for a single user (``X (m, d)`` already masked)."""
     batch = jax.tree.map(lambda a: a[None], (X @ U, X, y, support))
     return jax.tree.map(lambda a: a[0], pursue(*batch, steps, ridge))
+
+
+# ---------------------------------------------------- the step over all users
+
+
+def chunk_size(data: UserData, config: AMHTConfig) -> int:
+    """Users per chunk for ``data`` under ``config``."""
+    _, m, d = data.X.shape
+    return config.chunk_size(m, d, data.X.dtype.itemsize)
+
+
+def _masked(X, y, mask):
+    return jnp.where(mask[..., None], X, 0), jnp.where(mask, y, 0)
+
+
+def per_user_step(data: UserData, U, warm, config: AMHTConfig, steps=None):
+    """Fits every user's ``v_i`` and k-sparse ``b_i`` given ``U``.
+
+    Pursuit for all users (chunk by chunk), then :func:`_rescue_worst` on the
+    users with the largest relative residual. The result does not depend on
+    the chunk size.
+
+    Args:
+      warm: ``(t, k)`` previous supports, or None for a cold start
+        (:func:`cold_supports`).
+      steps: pursuit steps (may be traced); default ``config.inner_steps``,
+        plus 3 for a cold start.
+
+    Returns:
+      a :class:`UserFit` with leading axis ``t``.
+    """
+    if steps is None:
+        steps = config.inner_steps + (3 if warm is None else 0)
+    if warm is None:
+        warm = cold_supports(data, U, config)
+
+    def fn(args, fresh):
+        X, y = _masked(*args[:3])
+        return pursue(X @ U, X, y, args[3], steps, config.ridge), None
+
+    chunk = chunk_size(data, config)
+    fits, _ = map_user_chunks(fn, (data.X, data.y, data.mask, warm), chunk)
+    return _rescue_worst(data, U, fits, config, chunk)
+
+
+def cold_supports(data: UserData, U, config: AMHTConfig) -> jax.Array:
+    """``(t, k)`` starting supports: top-k correlations with the low-rank residual."""
+
+    def fn(args, fresh):
+        X, y = _masked(*args)
+        cold = jax.vmap(cold_support, (0, 0, 0, None, None))
+        return cold(X @ U, X, y, config.sparsity, config.ridge), None
+
+    return map_user_chunks(fn, (data.X, data.y, data.mask), chunk_size(data, config))[0]
+
+
+def relative_residual(data: UserData, sq_residual) -> jax.Array:
+    """``(t,)`` scores ``||res_i||^2 / ||y_i||^2`` over each user's samples."""
+    y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2, axis=1)
+    return sq_residual / (y_sq + jnp.finfo(y_sq.dtype).tiny)
+
+
+def _rescue_worst(data: UserData, U, fits: UserFit, config, chunk: int):
+    """Runs :func:`rescue` on the ``rescue_fraction`` of users that fit worst.
+
+    Skipped when the worst users do not stand out (largest relative residual
+    below 10x the median): at a fixed point where every user fits equally well
+    there is nothing to rescue.
+    """
+    t = data.X.shape[0]
+    n = min(t, math.ceil(config.rescue_fraction * t))
+    if n == 0 or config.sparsity == 0:
+        return fits
+    score = relative_residual(data, fits.sq_residual)
+    _, worst = jax.lax.top_k(score, n)
+    subset = jax.tree.map(lambda a: a[worst], fits)
+
+    def fn(args, fresh):
+        users, current = args
+        X, y = _masked(data.X[users], data.y[users], data.mask[users])
+        better = rescue(
+            X,
+            y,
+            U,
+            current,
+            steps=config.inner_steps + 2,
+            l1_steps=config.l1_steps,
+            ridge=config.ridge,
+        )
+        return better, None
+
+    floor = 10 * jnp.median(score) + 1e3 * jnp.finfo(score.dtype).eps
+    better = jax.lax.cond(
+        jnp.max(score) > floor,
+        lambda: map_user_chunks(fn, (worst, subset), chunk)[0],
+        lambda: subset,
+    )
+    return jax.tree.map(lambda a, b: a.at[worst].set(b), fits, better)

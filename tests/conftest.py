@@ -10,6 +10,19 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
+@pytest.fixture(scope="module")
+def cheap_compiles():
+    """Tiny programs compile much faster without most XLA optimizations.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("cheap_compiles")``;
+    results change only in the last digits, and the CLI test runs the default.
+    """
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)

@@ -8,14 +8,7 @@ import pytest
 import lrs
 from lrs import peruser
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _cheap_compiles():
-    """Tiny programs: compiling without most XLA optimizations is much faster."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
 
 def _user(seed, m=12, d=9, r=2, dtype=np.float64):

@@ -12,14 +12,7 @@ from lrs import shared
 from lrs.chunking import map_user_chunks
 from lrs.linalg import subspace_distance
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _cheap_compiles():
-    """Tiny programs: compiling without most XLA optimizations is much faster."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
 
 @pytest.fixture(scope="module")

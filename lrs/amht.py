@@ -266,11 +266,11 @@ def fit(
     data = check_data(data, config)
     t, _, d = data.X.shape
     U0 = None
-    if isinstance(config.init, str) and config.init == "given":
-        raise ValueError("init='given' is internal; pass the (d, rank) array as init")
     if not isinstance(config.init, str):
         U0 = jnp.asarray(check_init(config.init, d, config.rank, data.X.dtype))
-        config = dataclasses.replace(config, init="given")
+        # The array travels as U0 (it overrides config.init in initial_U); the
+        # config left behind is hashable, as jit needs.
+        config = dataclasses.replace(config, init="moments")
     if truth is not None:
         check_truth(truth, t, d)
     key = jax.random.key(0) if key is None else key

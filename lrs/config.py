@@ -101,7 +101,7 @@ class AMHTConfig:
                 f"got {self.init_eigensolver!r}"
             )
         if isinstance(self.init, str):
-            if self.init not in ("moments", "random", "given"):
+            if self.init not in ("moments", "random"):
                 raise ValueError(
                     f"init must be 'moments', 'random' or a (d, rank) array; "
                     f"got {self.init!r}"

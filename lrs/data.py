@@ -51,8 +51,8 @@ class UserData(NamedTuple):
     """Padded per-user regression data; a pytree.
 
     Attributes:
-      X: ``(t, m_max, d)`` features; padded rows are zero.
-      y: ``(t, m_max)`` targets; padded entries are zero.
+      X: ``(t, m_max, d)`` features (padded rows: zero from the constructors).
+      y: ``(t, m_max)`` targets (padded entries: zero from the constructors).
       mask: ``(t, m_max)`` bool, True for real samples.
 
     Padding never changes a result: every computation in lrs masks it out.

@@ -462,7 +462,6 @@ def _nan(field):
             dict(rank=2, sparsity=1, init=np.full((6, 2), np.nan)),
             r"\binit\b.*NaN",
         ),
-        (_tiny, dict(rank=2, sparsity=1, init="given"), r"\binit\b"),
     ],
     ids=[
         "rank=d",
@@ -482,7 +481,6 @@ def _nan(field):
         "init-shape",
         "init-rank-deficient",
         "init-nan",
-        "init-given",
     ],
 )
 def test_fit_refuses_bad_input_naming_the_argument(make_data, config_kw, match):
@@ -497,9 +495,10 @@ def test_fit_refuses_bad_input_naming_the_argument(make_data, config_kw, match):
         (dict(rank=0, sparsity=1), r"\brank\b.*>= 1"),
         (dict(rank=-1, sparsity=1), r"\brank\b.*>= 1"),
         (dict(rank=2, sparsity=-1), r"\bsparsity\b.*>= 0"),
+        (dict(rank=2, sparsity=1, init="given"), r"\binit\b"),
     ],
 )
-def test_rank_and_sparsity_below_their_minimum_are_refused(kw, match):
+def test_bad_rank_sparsity_or_init_are_refused_by_the_config(kw, match):
     with pytest.raises(ValueError, match=match):
         lrs.AMHTConfig(**kw)
 

@@ -44,7 +44,7 @@ class AMHTState(NamedTuple):
 class AMHTInfo(NamedTuple):
     """Diagnostics of one iteration (stacked over iterations by :func:`fit`)."""
 
-    loss: jax.Array  # mean squared residual over all training samples
+    loss: jax.Array  # mean squared residual over the step's training samples
     u_change: jax.Array  # subspace distance between successive U
     cg_iters: jax.Array  # CG iterations in the shared step
     relative_error: jax.Array  # ||W - W*||_F / ||W*||_F (NaN without truth)
@@ -189,6 +189,13 @@ def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
     """
     d = data.X.shape[2]
     tol, _ = config.tolerances(data.X.dtype)
+    # Work with y scaled to unit RMS: the model is linear in (V, B), every
+    # tolerance is relative, and float32 norms of y^2-sized statistics then
+    # neither overflow nor underflow. The scale is undone on the way out.
+    scale = _label_scale(data)
+    data = data._replace(y=data.y / scale)
+    if truth is not None:
+        truth = _scale_values(truth, 1 / scale)
     U = initial_U(data, config, key, U0)
     cold = cold_supports(data._replace(mask=_batch_mask(data, config, 1)), U, config)
     t, r = data.X.shape[0], config.rank
@@ -219,6 +226,7 @@ def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
         i, state, history, _ = carry
         state, info = _iterate(state, data, config, i == 0)
         info = _with_truth(info, state, truth, d)
+        info = info._replace(loss=info.loss * scale**2)  # in the user's units
         if report:
             jax.debug.callback(_report, i, info, ordered=True)
         history = jax.tree.map(lambda h, a: h.at[i].set(a), history, info)
@@ -227,7 +235,20 @@ def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
     inf = jnp.asarray(jnp.inf, U.dtype)
     carry = (jnp.zeros((), jnp.int32), state, history, inf)
     done, state, history, _ = jax.lax.while_loop(cond, body, carry)
-    return _params(state, d), history, done - 1
+    return _scale_values(_params(state, d), scale), history, done - 1
+
+
+def _label_scale(data: UserData) -> jax.Array:
+    """Root mean square of the real labels (1 when they are all zero)."""
+    y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2)
+    rms = jnp.sqrt(y_sq / jnp.maximum(jnp.sum(data.mask), 1))
+    return jnp.where(rms > 0, rms, 1).astype(data.y.dtype)
+
+
+def _scale_values(params: LRSParams, factor) -> LRSParams:
+    """The same model with its outputs multiplied by ``factor``: (U, c V, c B)."""
+    B = params.B._replace(values=params.B.values * factor)
+    return LRSParams(params.U, params.V * factor, B)
 
 
 def fit(
@@ -319,12 +340,18 @@ def personalize(U, data_new: UserData, config: AMHTConfig):
         raise ValueError(
             f"U must have shape (d, rank) = {(d, config.rank)}; got {U.shape}"
         )
+    if not bool(jnp.isfinite(U).all()):
+        raise ValueError("U contains NaN or inf values")
     V, idx, val = _personalize(U, data_new, config)
+    if not (bool(jnp.isfinite(V).all()) and bool(jnp.isfinite(val).all())):
+        raise FitError("personalize produced non-finite values (overflow?)")
     return V, SparseRows(idx, val, d)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _personalize(U, data, config):
+    scale = _label_scale(data)  # as in _fit
+    data = data._replace(y=data.y / scale)
     fits = per_user_step(data, U, None, config)
     fits = per_user_step(data, U, fits.support, config)
-    return fits.v, fits.support, fits.b
+    return fits.v * scale, fits.support, fits.b * scale

@@ -34,6 +34,11 @@ def per_user_error(params: LRSParams, truth: LRSParams) -> jax.Array:
 
 def user_supports_correct(params: LRSParams, truth: LRSParams) -> jax.Array:
     """``(t,)`` bool: the user's fitted support equals the planted one (as sets)."""
+    if params.B.indices.shape != truth.B.indices.shape:
+        raise ValueError(
+            f"params and truth must have the same (t, k) sparse shape; got "
+            f"{params.B.indices.shape} and {truth.B.indices.shape}"
+        )
     return jnp.all(
         jnp.sort(params.B.indices, axis=1) == jnp.sort(truth.B.indices, axis=1), axis=1
     )

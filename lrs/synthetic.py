@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lrs.chunking import map_user_chunks
 from lrs.data import UserData, float_dtype
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows
@@ -85,15 +86,14 @@ def _sample(kx, kn, km, truth: LRSParams, m, noise, m_min):
         counts = jax.random.randint(km, (t,), m_min, m + 1)
         mask = jnp.arange(m)[None, :] < counts[:, None]
 
-    def user_features(args):  # one key per user: independent of the batching
-        key, row_mask = args
-        return jnp.where(row_mask[:, None], jax.random.normal(key, (m, d), dtype), 0)
+    def user_features(args, fresh):  # one key per user: independent of chunking
+        keys, rows = args
+        draw = jax.vmap(lambda k: jax.random.normal(k, (m, d), dtype))(keys)
+        return jnp.where(rows[..., None], draw, 0), None
 
-    # Batches of users keep the peak memory near the size of X itself.
-    # A divisor of t: a remainder batch would be concatenated, copying X.
-    target = max(1, min(t, (64 * 2**20) // (m * d * dtype.itemsize)))
-    batch = max(b for b in range(1, target + 1) if t % b == 0)
-    X = jax.lax.map(user_features, (jax.random.split(kx, t), mask), batch_size=batch)
+    # Chunks of users keep the peak memory near the size of X itself.
+    chunk = max(1, (64 * 2**20) // (m * d * dtype.itemsize))
+    X, _ = map_user_chunks(user_features, (jax.random.split(kx, t), mask), chunk)
     theta = truth.V @ truth.U.T + truth.B.dense()
     y = jnp.einsum("tmd,td->tm", X, theta)
     y = y + noise * jax.random.normal(kn, (t, m), dtype)

@@ -640,3 +640,53 @@ def test_per_user_step_is_chunk_independent_and_consistent():
     for fits in results[1:]:
         for a, b in zip(jax.tree.leaves(fits), jax.tree.leaves(results[0])):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-12)
+
+
+# ------------------------------------------------------------ scale of the labels
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+def test_fit_is_invariant_to_the_scale_of_the_labels(scale):
+    """float32 statistics of y^2 must neither overflow nor underflow."""
+    data, truth = lrs.synthetic.make_problem(
+        jax.random.key(5), d=12, t=40, m=16, r=2, k=1, dtype="float32"
+    )
+    config = lrs.AMHTConfig(rank=2, sparsity=1, num_iters=30)
+    base, base_diag = lrs.fit(data, config, truth=truth)
+    scaled_truth = lrs.LRSParams(
+        truth.U, truth.V * scale, truth.B._replace(values=truth.B.values * scale)
+    )
+    params, diag = lrs.fit(data._replace(y=data.y * scale), config, truth=scaled_truth)
+    assert len(diag.loss) == len(base_diag.loss)
+    assert _rel_err(params, scaled_truth) < 1e-4
+    assert diag.loss[-1] == pytest.approx(base_diag.loss[-1] * scale**2, rel=0.5)
+    V, B = lrs.personalize(truth.U, data._replace(y=data.y * scale), config)
+    assert _rel_err(lrs.LRSParams(truth.U, V, B), scaled_truth) < 1e-4
+
+
+def test_personalize_refuses_a_non_finite_U(small_problem):
+    data, truth = small_problem
+    U = np.array(truth.U)
+    U[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"\bU\b.*NaN"):
+        lrs.personalize(U, data, lrs.AMHTConfig(rank=3, sparsity=3))
+
+
+def test_support_comparison_needs_the_same_sparsity(small_problem):
+    _, truth = small_problem
+    fewer = truth.B._replace(
+        indices=truth.B.indices[:, :2], values=truth.B.values[:, :2]
+    )
+    with pytest.raises(ValueError, match="sparse shape"):
+        lrs.metrics.support_recovery(truth._replace(B=fewer), truth)
+
+
+def test_make_problem_draws_each_users_features_from_its_own_key():
+    """X is generated in chunks of users; a prime t (no divisor) must not matter."""
+    key, t, m, d = jax.random.key(2), 13, 4, 5
+    data, _ = lrs.synthetic.make_problem(key, d=d, t=t, m=m, r=1, k=1)
+    kx = jax.random.split(key, 7)[4]  # make_problem's feature key
+    expected = jax.vmap(lambda k: jax.random.normal(k, (m, d), data.X.dtype))(
+        jax.random.split(kx, t)
+    )
+    np.testing.assert_array_equal(np.asarray(data.X), np.asarray(expected))

@@ -1,0 +1,168 @@
+"""Specification of lrs.baselines: each recovers its own model class."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrs
+from lrs import baselines
+
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
+
+SIZES = dict(d=20, t=40, m=24)  # one data shape for every test: few compiles
+CONVEX = dict(convex_grid=(0.1, 0.03), convex_steps=150)
+
+
+def _problem(seed=0, **kwargs):
+    sizes = dict(SIZES, r=2, k=2, dtype="float64") | kwargs
+    return lrs.synthetic.make_problem(jax.random.key(seed), **sizes)
+
+
+def _error(params, truth):
+    return float(lrs.metrics.relative_error(params, truth))
+
+
+def test_low_rank_only_recovers_pure_low_rank():
+    data, truth = _problem(k=0)
+    params, diag = baselines.low_rank_only(data, lrs.AMHTConfig(rank=2, sparsity=3))
+    assert params.U.shape == (20, 2) and params.B.indices.shape == (40, 0)
+    assert _error(params, truth) < 1e-6
+    assert diag["loss"][-1] < 1e-10
+
+
+def test_sparse_only_recovers_pure_sparse():
+    data, truth = _problem(r=1, k=2, v_scale=0.0)
+    params, diag = baselines.sparse_only(data, baselines.BaselineConfig(sparsity=2))
+    assert params.U.shape == (20, 0) and params.V.shape == (40, 0)
+    assert _error(params, truth) < 1e-6
+    assert diag["sq_residual"].shape == (40,)
+
+
+def test_local_ridge_matches_brute_force_leave_one_out():
+    data, truth = _problem(noise=0.5)
+    grid = (1e-3, 1.0, 30.0)
+    params, diag = baselines.local_ridge(
+        data, baselines.BaselineConfig(ridge_grid=grid)
+    )
+    theta = np.asarray(lrs.weights(params))
+    X, y = np.asarray(data.X), np.asarray(data.y)
+    for i in (0, 7):
+        scale = np.trace(X[i].T @ X[i]) / X.shape[2]
+        loo = []
+        for a in grid:
+            errs = []
+            for j in range(X.shape[1]):
+                keep = np.arange(X.shape[1]) != j
+                A, b = X[i][keep], y[i][keep]
+                w = np.linalg.solve(A.T @ A + a * scale * np.eye(20), A.T @ b)
+                errs.append((y[i][j] - X[i][j] @ w) ** 2)
+            loo.append(np.mean(errs))
+        best = grid[int(np.argmin(loo))]
+        assert diag["alpha"][i] == pytest.approx(best)
+        assert diag["loo_mse"][i] == pytest.approx(min(loo), rel=1e-6)
+        ref = np.linalg.solve(X[i].T @ X[i] + best * scale * np.eye(20), X[i].T @ y[i])
+        np.testing.assert_allclose(theta[i], ref, rtol=1e-6, atol=1e-8)
+
+
+def test_local_ridge_recovers_dense_models_without_noise():
+    data, truth = _problem()  # m = 24 > d = 20: each user alone is determined
+    params, _ = baselines.local_ridge(
+        data, baselines.BaselineConfig(ridge_grid=(1e-8,))
+    )
+    assert params.B.indices.shape == (40, 20)
+    assert _error(params, truth) < 1e-5
+
+
+def test_global_model_recovers_shared_model_plus_sparse():
+    data, truth = _problem(r=1, k=2)
+    truth = truth._replace(V=jnp.full_like(truth.V, 1.5))  # the same w for all
+    y = jnp.einsum("tmd,td->tm", data.X, lrs.weights(truth))
+    data = data._replace(y=y)
+    params, diag = baselines.global_model(data, baselines.BaselineConfig(sparsity=2))
+    assert _error(params, truth) < 1e-5
+    assert np.ptp(np.asarray(params.V)) == 0  # one model shared by all users
+
+
+def test_global_model_without_fine_tune_is_pooled_least_squares():
+    data, _ = _problem(noise=0.1)
+    cfg = baselines.BaselineConfig(sparsity=2, fine_tune=False)
+    params, _ = baselines.global_model(data, cfg)
+    X, y = np.asarray(data.X).reshape(-1, 20), np.asarray(data.y).reshape(-1)
+    w = np.linalg.lstsq(X, y, rcond=None)[0]
+    np.testing.assert_allclose(np.asarray(lrs.weights(params))[3], w, rtol=1e-6)
+    assert params.B.indices.shape == (40, 0)
+
+
+def test_convex_beats_local_ridge_below_d_samples():
+    data, truth = _problem()
+    data = data._replace(mask=data.mask.at[:, 16:].set(False))  # m_i = 16 < d
+    cfg = baselines.BaselineConfig(**CONVEX)
+    params, diag = baselines.convex(data, cfg, key=jax.random.key(1))
+    ridge, _ = baselines.local_ridge(data, cfg)
+    assert _error(params, truth) < 0.8 * _error(ridge, truth)
+    # the chosen penalties are the validation winner, relative to lam_max
+    best = diag["grid"][np.argmin(diag["validation_sse"])]
+    ratio = diag["penalties"] / best
+    assert ratio[0] > ratio[1] > 0  # ||G||_2 > ||G||_max for a generic G
+    # the LRS form holds the solution: orthonormal U, rank and row sparsity
+    r = diag["rank"]
+    np.testing.assert_allclose(params.U.T @ params.U, np.eye(r), atol=1e-8)
+    assert params.B.indices.shape[1] == diag["sparsity"] <= 20
+
+
+def test_oracle_recovers_everything_given_the_true_U():
+    data, truth = _problem()
+    fit = functools.partial(baselines.oracle, U=truth.U)
+    params, _ = fit(data, lrs.AMHTConfig(rank=2, sparsity=2))
+    assert _error(params, truth) < 1e-6
+    np.testing.assert_array_equal(params.U, truth.U)
+
+
+@pytest.mark.parametrize("name", sorted(baselines.BASELINES))
+def test_every_baseline_shares_the_fit_contract(name):
+    data, truth = _problem(noise=0.1)
+    before = jax.tree.map(np.array, data)
+    cfg = baselines.BaselineConfig(rank=2, sparsity=2, **CONVEX)
+    params, diag = baselines.BASELINES[name](data, cfg, key=jax.random.key(0))
+    assert isinstance(params, lrs.LRSParams) and isinstance(diag, dict)
+    assert lrs.weights(params).shape == (40, 20)
+    assert bool(jnp.isfinite(lrs.weights(params)).all())
+    pred = lrs.predict(params, data.X[:, 0], jnp.arange(40))
+    assert pred.shape == (40,)
+    jax.tree.map(np.testing.assert_array_equal, before, data)  # inputs untouched
+    with pytest.raises(ValueError, match="config"):
+        baselines.BASELINES[name](data, {"rank": 2})
+    with pytest.raises(ValueError, match="UserData"):
+        baselines.BASELINES[name]((data.X, data.y), cfg)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rank", 0),
+        ("sparsity", -1),
+        ("ridge_grid", ()),
+        ("ridge_grid", (1.0, -1.0)),
+        ("convex_grid", [0.1]),
+        ("fine_tune", 1),
+        ("validation_fraction", 1.0),
+        ("convex_steps", 0),
+    ],
+)
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        baselines.BaselineConfig(**{field: value})
+
+
+def test_too_few_samples_or_bad_U_raise():
+    data, truth = _problem()
+    with pytest.raises(ValueError, match="samples"):
+        baselines.sparse_only(
+            data._replace(mask=data.mask.at[3, 2:].set(False)),
+            baselines.BaselineConfig(sparsity=3),
+        )
+    with pytest.raises(ValueError, match="U"):
+        baselines.oracle(data, lrs.AMHTConfig(2, 2), U=truth.U[:, 0])

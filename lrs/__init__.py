@@ -1,6 +1,6 @@
 """lrs: low-rank plus sparse model personalization in JAX."""
 
-from lrs import metrics, synthetic
+from lrs import baselines, datasets, metrics, synthetic, theory
 from lrs.amht import AMHTInfo, AMHTState, fit, init, personalize, step
 from lrs.config import AMHTConfig
 from lrs.data import UserData
@@ -17,6 +17,8 @@ __all__ = [
     "LRSParams",
     "SparseRows",
     "UserData",
+    "baselines",
+    "datasets",
     "fit",
     "init",
     "metrics",
@@ -24,5 +26,6 @@ __all__ = [
     "predict",
     "step",
     "synthetic",
+    "theory",
     "weights",
 ]

@@ -17,14 +17,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from lrs import metrics, peruser
+from lrs import metrics, peruser, sharding
 from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.errors import FitError
 from lrs.linalg import orthonormalize
-from lrs.params import LRSParams, SparseRows
+from lrs.params import LRSParams, SparseRows, weights
 from lrs.peruser import chunk_size, cold_supports, per_user_step, relative_residual
+from lrs.sharding import UserAxis, all_users, psum
 from lrs.shared import moment_init, update_U
 from lrs.validation import check_data, check_init, check_truth
 
@@ -61,13 +63,14 @@ def _batch_mask(data: UserData, config: AMHTConfig, half_step) -> jax.Array:
     return data.mask & ((rank * n) // count == half_step % n)
 
 
-def _state(U, fits: peruser.UserFit, data: UserData, half_step) -> AMHTState:
-    loss = jnp.sum(fits.sq_residual) / jnp.sum(data.mask)
+def _state(U, fits: peruser.UserFit, data: UserData, half_step, axis=None):
+    sums = psum((jnp.sum(fits.sq_residual), jnp.sum(data.mask)), axis)
+    loss = sums[0] / sums[1]
     score = relative_residual(data, fits.sq_residual)
     return AMHTState(U, fits.v, fits.support, fits.b, loss, score, half_step)
 
 
-def initial_U(data: UserData, config: AMHTConfig, key, U0=None) -> jax.Array:
+def initial_U(data: UserData, config: AMHTConfig, key, U0=None, axis=None):
     """The starting ``U (d, r)``: ``U0``, an array ``config.init``, random, moments."""
     d = data.X.shape[2]
     if U0 is None and not isinstance(config.init, str):
@@ -76,9 +79,7 @@ def initial_U(data: UserData, config: AMHTConfig, key, U0=None) -> jax.Array:
         return orthonormalize(U0)[0]
     if config.init == "random":
         return orthonormalize(jax.random.normal(key, (d, config.rank), data.X.dtype))[0]
-    solver = config.init_eigensolver
-    if solver == "auto":
-        solver = "dense" if d <= 4096 else "subspace"
+    solver = eigensolver(config, d)
     return moment_init(
         data._replace(mask=_batch_mask(data, config, 0)),
         config.rank,
@@ -86,7 +87,15 @@ def initial_U(data: UserData, config: AMHTConfig, key, U0=None) -> jax.Array:
         eigensolver=solver,
         iters=config.init_iters,
         chunk_size=chunk_size(data, config),
+        axis=axis,
     )
+
+
+def eigensolver(config: AMHTConfig, d: int) -> str:
+    """The initialization's eigensolver: ``config.init_eigensolver``, resolved."""
+    if config.init_eigensolver == "auto":
+        return "dense" if d <= 4096 else "subspace"
+    return config.init_eigensolver
 
 
 def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
@@ -100,12 +109,12 @@ def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
     return _state(U, fits, masked, jnp.asarray(2, jnp.int32))
 
 
-def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig):
+def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig, axis=None):
     """The shared step of :func:`step`: ``(U_new, cg_iters)``."""
     _, cg_tol = config.tolerances(data.X.dtype)
     # Users whose fit is an outlier (relative residual above 100x the median,
     # typically a wrong support) sit out the shared step rather than bias U.
-    median = jnp.median(state.score)
+    median = jnp.median(all_users(state.score, axis))
     inlier = state.score <= 100 * median + jnp.finfo(data.X.dtype).eps
     shared_mask = _batch_mask(data, config, state.half_step) & inlier[:, None]
     U, _, stats = update_U(
@@ -120,26 +129,27 @@ def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig):
         # Inexact U steps: no more accuracy than the current fit warrants.
         tol=jnp.maximum(cg_tol, 0.1 * jnp.sqrt(median)),
         chunk_size=chunk_size(data, config),
+        axis=axis,
     )
     return U, stats.cg_iters
 
 
-def _iterate(state: AMHTState, data: UserData, config: AMHTConfig, first):
+def _iterate(state: AMHTState, data: UserData, config: AMHTConfig, first, axis=None):
     """Shared step (skipped when ``first``, which may be traced) + per-user step."""
     if first is False:
-        U, cg_iters = _shared_update(state, data, config)
+        U, cg_iters = _shared_update(state, data, config, axis)
         steps = config.inner_steps
     else:
         U, cg_iters = jax.lax.cond(
             first,
             lambda s: (s.U, jnp.zeros((), jnp.int32)),
-            lambda s: _shared_update(s, data, config),
+            lambda s: _shared_update(s, data, config, axis),
             state,
         )
         steps = config.inner_steps + 3 * first.astype(jnp.int32)
     user_data = data._replace(mask=_batch_mask(data, config, state.half_step + 1))
-    fits = per_user_step(user_data, U, state.indices, config, steps)
-    new = _state(U, fits, user_data, state.half_step + 2)
+    fits = per_user_step(user_data, U, state.indices, config, steps, axis=axis)
+    new = _state(U, fits, user_data, state.half_step + 2, axis)
     nan = jnp.full((), jnp.nan, U.dtype)
     change = jnp.where(first, nan, metrics.subspace_distance(state.U, U))
     return new, AMHTInfo(new.loss, change, cg_iters, nan, nan)
@@ -154,12 +164,18 @@ def _params(state: AMHTState, d: int) -> LRSParams:
     return LRSParams(state.U, state.V, SparseRows(state.indices, state.values, d))
 
 
-def _with_truth(info: AMHTInfo, state: AMHTState, truth, d: int) -> AMHTInfo:
+def _with_truth(info: AMHTInfo, state: AMHTState, truth, d: int, axis=None):
     if truth is None:
         return info
     params = _params(state, d)
+    if axis is None:
+        error = metrics.relative_error(params, truth)
+    else:  # the sums over users run over every device
+        W_star = weights(truth)
+        num, den = psum((_sq_norm(weights(params) - W_star), _sq_norm(W_star)), axis)
+        error = jnp.sqrt(num) / jnp.sqrt(den)
     return info._replace(
-        relative_error=metrics.relative_error(params, truth),
+        relative_error=error,
         subspace_distance=metrics.subspace_distance(state.U, truth.U),
     )
 
@@ -180,23 +196,28 @@ def _report(i, info):
         entry[1] = error
 
 
-@functools.partial(jax.jit, static_argnames=("config", "report"))
-def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
+def _report_from(device, i, info):
+    if device == 0:  # sharded fit: every device calls, one reports
+        _report(i, info)
+
+
+def _fit_program(data, config: AMHTConfig, key, U0, truth, report: bool, axis=None):
     """init + the loop of steps, with the per-user step traced only once.
 
     Iteration 0 is :func:`init`'s per-user step (cold supports, no shared
     step); iterations 1.. are :func:`step`. Same results as calling them.
+    With ``axis`` this runs inside ``shard_map`` on one device's users.
     """
     d = data.X.shape[2]
     tol, _ = config.tolerances(data.X.dtype)
     # Work with y scaled to unit RMS: the model is linear in (V, B), every
     # tolerance is relative, and float32 norms of y^2-sized statistics then
     # neither overflow nor underflow. The scale is undone on the way out.
-    scale = _label_scale(data)
+    scale = _label_scale(data, axis)
     data = data._replace(y=data.y / scale)
     if truth is not None:
         truth = _scale_values(truth, 1 / scale)
-    U = initial_U(data, config, key, U0)
+    U = initial_U(data, config, key, U0, axis)
     cold = cold_supports(data._replace(mask=_batch_mask(data, config, 1)), U, config)
     t, r = data.X.shape[0], config.rank
     zeros = jnp.zeros((t, config.sparsity), data.X.dtype)
@@ -224,11 +245,14 @@ def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
 
     def body(carry):
         i, state, history, _ = carry
-        state, info = _iterate(state, data, config, i == 0)
-        info = _with_truth(info, state, truth, d)
+        state, info = _iterate(state, data, config, i == 0, axis)
+        info = _with_truth(info, state, truth, d, axis)
         info = info._replace(loss=info.loss * scale**2)  # in the user's units
-        if report:
+        if report and axis is None:
             jax.debug.callback(_report, i, info, ordered=True)
+        elif report:
+            device = jax.lax.axis_index(axis.name)
+            jax.debug.callback(_report_from, device, i, info)
         history = jax.tree.map(lambda h, a: h.at[i].set(a), history, info)
         return i + 1, state, history, jnp.where(i == 0, jnp.inf, info.u_change)
 
@@ -238,10 +262,39 @@ def _fit(data, config: AMHTConfig, key, U0, truth, report: bool):
     return _scale_values(_params(state, d), scale), history, done - 1
 
 
-def _label_scale(data: UserData) -> jax.Array:
+_fit = jax.jit(_fit_program, static_argnames=("config", "report", "axis"))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "report", "mesh", "t"))
+def _fit_sharded(data, config, key, U0, truth, report: bool, mesh, t: int):
+    """:func:`_fit_program` under ``shard_map``, users split over ``mesh``."""
+    axis = UserAxis(sharding.AXIS, t)
+    users, every = P(sharding.AXIS), P()
+    params_spec = LRSParams(every, users, users)
+    truth_spec = None if truth is None else params_spec
+
+    def local(data, key, U0, truth):
+        return _fit_program(data, config, key, U0, truth, report, axis)
+
+    run = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(users, every, every, truth_spec),
+        out_specs=(params_spec, every, every),
+        check_vma=False,
+    )
+    return run(data, key, U0, truth)
+
+
+def _sq_norm(a) -> jax.Array:
+    return jnp.sum(a * a)
+
+
+def _label_scale(data: UserData, axis=None) -> jax.Array:
     """Root mean square of the real labels (1 when they are all zero)."""
     y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2)
-    rms = jnp.sqrt(y_sq / jnp.maximum(jnp.sum(data.mask), 1))
+    y_sq, count = psum((y_sq, jnp.sum(data.mask)), axis)
+    rms = jnp.sqrt(y_sq / jnp.maximum(count, 1))
     return jnp.where(rms > 0, rms, 1).astype(data.y.dtype)
 
 
@@ -258,6 +311,7 @@ def fit(
     key=None,
     callback: Callable[[int, AMHTInfo], None] | None = None,
     truth: LRSParams | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """Fits AMHT-LRS: the whole loop is one jitted program.
 
@@ -271,6 +325,10 @@ def fit(
         Python floats; e.g. to draw a progress bar.
       truth: planted parameters; when given, the diagnostics track the relative
         error and the subspace distance to them.
+      mesh: a ``jax.sharding.Mesh`` with an axis ``'users'``: the users are
+        split over its devices (any ``t``; see docs/scale.md) and the result
+        equals the single-device fit up to rounding. ``V`` and ``B`` come back
+        sharded over the mesh. ``None``: the default device.
 
     Returns:
       ``(params, diagnostics)``: :class:`LRSParams` and an :class:`AMHTInfo` of
@@ -295,10 +353,16 @@ def fit(
     if truth is not None:
         check_truth(truth, t, d)
     key = jax.random.key(0) if key is None else key
+    run = _fit
+    if mesh is not None:
+        run = _sharded_runner(data, mesh)
+        data = sharding.shard_data(data, mesh)
+        if truth is not None:
+            truth = sharding.shard_truth(truth, mesh)
     if callback is not None:
         _REPORTER.append([callback, None])
     try:
-        params, history, done = _fit(data, config, key, U0, truth, callback is not None)
+        params, history, done = run(data, config, key, U0, truth, callback is not None)
         jax.block_until_ready(params)
         jax.effects_barrier()
     finally:
@@ -309,6 +373,24 @@ def fit(
     diagnostics = jax.tree.map(lambda h: np.asarray(h)[:n], history)
     _raise_if_nonfinite(params, diagnostics)
     return params, diagnostics
+
+
+def _sharded_runner(data: UserData, mesh):
+    """``_fit``'s signature for the sharded program.
+
+    The results come back to the default device without the padded users.
+    """
+    sharding.check_mesh(mesh)
+    t = data.num_users
+
+    def run(data, config, key, U0, truth, report):
+        out = _fit_sharded(data, config, key, U0, truth, report, mesh, t)
+        params, history, done = jax.tree.map(sharding.gathered, out)
+        B = params.B
+        B = SparseRows(B.indices[:t], B.values[:t], B.dim)
+        return LRSParams(params.U, params.V[:t], B), history, done
+
+    return run
 
 
 def _raise_if_nonfinite(params: LRSParams, diagnostics: AMHTInfo) -> None:

@@ -13,9 +13,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from lrs.sharding import UserAxis, psum
+
 
 def map_user_chunks(
-    fn: Callable, args, chunk_size: int | None
+    fn: Callable, args, chunk_size: int | None, *, axis: UserAxis | None = None
 ) -> tuple[object, object]:
     """Applies ``fn(chunk_args, fresh) -> (per_user, summed)`` over user chunks.
 
@@ -26,10 +28,17 @@ def map_user_chunks(
         chunk's fresh users.
       args: pytree of arrays with leading user axis ``t``.
       chunk_size: users per chunk; ``None`` or ``>= t`` means one chunk.
+      axis: inside ``shard_map``, the users' mesh axis: ``args`` are this
+        device's users and ``summed`` is summed over all devices.
 
     Returns:
       ``(per_user (t, ...), summed)``.
     """
+    per_user, summed = _map_local(fn, args, chunk_size)
+    return per_user, psum(summed, axis)
+
+
+def _map_local(fn: Callable, args, chunk_size: int | None):
     t = jax.tree.leaves(args)[0].shape[0]
     if chunk_size is None or chunk_size >= t:
         return fn(args, jnp.ones((t,), bool))

@@ -99,6 +99,41 @@ class UserData(NamedTuple):
         return cls(jnp.asarray(X), y, mask)
 
     @classmethod
+    def from_host(cls, X, y, mask=None) -> UserData:
+        """Data kept in host memory for :func:`lrs.fit_streamed`, e.g. memory-mapped.
+
+        ``X (t, m, d)``, ``y (t, m)`` and ``mask (t, m)`` (default all True)
+        are numpy arrays or ``np.memmap`` s (``np.load(path, mmap_mode='r')``);
+        they are neither copied nor read here (values are checked chunk by
+        chunk when the fit streams them). Floating dtypes are required.
+
+        Raises:
+          ValueError: on mismatched shapes, zero users or non-float dtypes.
+        """
+        arrays = {"X": X, "y": y}
+        for name, a in arrays.items():
+            if not isinstance(a, np.ndarray):
+                raise ValueError(
+                    f"{name} must be a numpy array; got {type(a).__name__}"
+                )
+            if not np.issubdtype(a.dtype, np.floating):
+                raise ValueError(f"{name} must be a real floating array; got {a.dtype}")
+        if X.ndim != 3 or X.shape[0] == 0:
+            raise ValueError(f"X must have shape (t, m, d), t >= 1; got {X.shape}")
+        if y.shape != X.shape[:2]:
+            raise ValueError(
+                f"y must have shape (t, m) = {X.shape[:2]} to match X; got {y.shape}"
+            )
+        if mask is None:
+            mask = np.ones(y.shape, bool)
+        elif np.shape(mask) != y.shape or np.asarray(mask).dtype != bool:
+            raise ValueError(
+                f"mask must be a boolean (t, m) = {y.shape} array; got "
+                f"{np.shape(mask)} {getattr(mask, 'dtype', type(mask).__name__)}"
+            )
+        return cls(X, y, mask)
+
+    @classmethod
     def from_ragged(cls, Xs: Sequence, ys: Sequence) -> UserData:
         """Users with different sample counts: ``Xs[i] (m_i, d)``, ``ys[i] (m_i,)``.
 

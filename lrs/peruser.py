@@ -24,6 +24,7 @@ from lrs.chunking import map_user_chunks
 from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.linalg import hard_threshold, spd_solve, top_k_indices
+from lrs.sharding import all_users, first_user
 
 
 class UserFit(NamedTuple):
@@ -170,7 +171,9 @@ def _masked(X, y, mask):
     return jnp.where(mask[..., None], X, 0), jnp.where(mask, y, 0)
 
 
-def per_user_step(data: UserData, U, warm, config: AMHTConfig, steps=None):
+def per_user_step(
+    data: UserData, U, warm, config: AMHTConfig, steps=None, *, axis=None
+):
     """Fits every user's ``v_i`` and k-sparse ``b_i`` given ``U``.
 
     Pursuit for all users (chunk by chunk), then :func:`_rescue_worst` on the
@@ -182,6 +185,8 @@ def per_user_step(data: UserData, U, warm, config: AMHTConfig, steps=None):
         (:func:`cold_supports`).
       steps: pursuit steps (may be traced); default ``config.inner_steps``,
         plus 3 for a cold start.
+      axis: inside ``shard_map``, the :class:`lrs.sharding.UserAxis` the users
+        are sharded over; the rescue then picks the worst users of all devices.
 
     Returns:
       a :class:`UserFit` with leading axis ``t``.
@@ -192,12 +197,43 @@ def per_user_step(data: UserData, U, warm, config: AMHTConfig, steps=None):
         warm = cold_supports(data, U, config)
 
     def fn(args, fresh):
-        X, y = _masked(*args[:3])
-        return pursue(X @ U, X, y, args[3], steps, config.ridge), None
+        return pursue_masked(*args, U, steps, config.ridge), None
 
     chunk = chunk_size(data, config)
     fits, _ = map_user_chunks(fn, (data.X, data.y, data.mask, warm), chunk)
-    return _rescue_worst(data, U, fits, config, chunk)
+    return _rescue_worst(data, U, fits, config, chunk, axis)
+
+
+def pursue_masked(X, y, mask, support, U, steps, ridge=0.0) -> UserFit:
+    """:func:`pursue` on padded data ``X (n, m, d)``, ``y, mask (n, m)``."""
+    X, y = _masked(X, y, mask)
+    return pursue(X @ U, X, y, support, steps, ridge)
+
+
+def rescue_masked(X, y, mask, U, current: UserFit, config: AMHTConfig) -> UserFit:
+    """:func:`rescue` with ``config``'s settings on padded data."""
+    X, y = _masked(X, y, mask)
+    return rescue(
+        X,
+        y,
+        U,
+        current,
+        steps=config.inner_steps + 2,
+        l1_steps=config.l1_steps,
+        ridge=config.ridge,
+    )
+
+
+def rescue_count(t: int, config: AMHTConfig) -> int:
+    """How many of ``t`` users :func:`_rescue_worst` considers (0: never)."""
+    if config.sparsity == 0:
+        return 0
+    return min(t, math.ceil(config.rescue_fraction * t))
+
+
+def rescue_floor(score) -> jax.Array:
+    """The rescue runs when the largest score exceeds this: 10x the median."""
+    return 10 * jnp.median(score) + 1e3 * jnp.finfo(score.dtype).eps
 
 
 def cold_supports(data: UserData, U, config: AMHTConfig) -> jax.Array:
@@ -217,39 +253,49 @@ def relative_residual(data: UserData, sq_residual) -> jax.Array:
     return sq_residual / (y_sq + jnp.finfo(y_sq.dtype).tiny)
 
 
-def _rescue_worst(data: UserData, U, fits: UserFit, config, chunk: int):
+def _rescue_worst(data: UserData, U, fits: UserFit, config, chunk: int, axis=None):
     """Runs :func:`rescue` on the ``rescue_fraction`` of users that fit worst.
 
     Skipped when the worst users do not stand out (largest relative residual
     below 10x the median): at a fixed point where every user fits equally well
-    there is nothing to rescue.
+    there is nothing to rescue. With ``axis``, the worst users and the median
+    are over all devices' users and each device rescues its own.
     """
-    t = data.X.shape[0]
-    n = min(t, math.ceil(config.rescue_fraction * t))
-    if n == 0 or config.sparsity == 0:
+    t_local = data.X.shape[0]
+    n = rescue_count(t_local if axis is None else axis.num_users, config)
+    if n == 0:
         return fits
-    score = relative_residual(data, fits.sq_residual)
+    score = all_users(relative_residual(data, fits.sq_residual), axis)
     _, worst = jax.lax.top_k(score, n)
+    chosen = None
+    if axis is not None:
+        worst, chosen = _local_rows(worst, t_local, axis)
     subset = jax.tree.map(lambda a: a[worst], fits)
 
     def fn(args, fresh):
         users, current = args
-        X, y = _masked(data.X[users], data.y[users], data.mask[users])
-        better = rescue(
-            X,
-            y,
-            U,
-            current,
-            steps=config.inner_steps + 2,
-            l1_steps=config.l1_steps,
-            ridge=config.ridge,
-        )
-        return better, None
+        X, y, mask = data.X[users], data.y[users], data.mask[users]
+        return rescue_masked(X, y, mask, U, current, config), None
 
-    floor = 10 * jnp.median(score) + 1e3 * jnp.finfo(score.dtype).eps
     better = jax.lax.cond(
-        jnp.max(score) > floor,
+        jnp.max(score) > rescue_floor(score),
         lambda: map_user_chunks(fn, (worst, subset), chunk)[0],
         lambda: subset,
     )
+    if chosen is not None:  # rows that only fill this device's buffer
+        better = jax.tree.map(lambda a, b: _where_rows(chosen, a, b), better, subset)
     return jax.tree.map(lambda a, b: a.at[worst].set(b), fits, better)
+
+
+def _local_rows(worst, t_local: int, axis) -> tuple[jax.Array, jax.Array]:
+    """This device's rows among the global indices ``worst (n,)``.
+
+    Returns ``(rows (min(n, t_local),), chosen)``: the chosen rows first, then
+    filler rows (``chosen`` False) whose results are to be discarded.
+    """
+    local = worst - first_user(t_local, axis)
+    mine = (local >= 0) & (local < t_local)
+    flags = jnp.zeros((t_local,), jnp.int32)
+    flags = flags.at[jnp.where(mine, local, t_local)].set(1, mode="drop")
+    chosen, rows = jax.lax.top_k(flags, min(worst.shape[0], t_local))
+    return rows, chosen.astype(bool)

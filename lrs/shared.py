@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from lrs.chunking import map_user_chunks
 from lrs.linalg import orthonormalize, spd_solve
+from lrs.sharding import psum
 
 
 class SharedStats(NamedTuple):
@@ -30,7 +31,7 @@ def sparse_predictions(X, idx, val) -> jax.Array:
     )
 
 
-def _rhs(data, V, idx, val, chunk_size) -> jax.Array:
+def _rhs(data, V, idx, val, chunk_size, axis=None) -> jax.Array:
     """``sum_i X_i^T (y_i - X_i b_i) v_i^T``, shape ``(d, r)``."""
 
     def fn(args, fresh):
@@ -39,10 +40,11 @@ def _rhs(data, V, idx, val, chunk_size) -> jax.Array:
         g = jnp.einsum("cmd,cm->cd", X, res)
         return None, jnp.einsum("cd,cr->dr", g * fresh[:, None], v)
 
-    return map_user_chunks(fn, (data.X, data.y, data.mask, V, idx, val), chunk_size)[1]
+    args = (data.X, data.y, data.mask, V, idx, val)
+    return map_user_chunks(fn, args, chunk_size, axis=axis)[1]
 
 
-def normal_operator(data, V, D, chunk_size) -> jax.Array:
+def normal_operator(data, V, D, chunk_size, axis=None) -> jax.Array:
     """``sum_i X_i^T X_i D v_i v_i^T`` for ``D (d, r)``: one pass over the data."""
 
     def fn(args, fresh):
@@ -51,10 +53,10 @@ def normal_operator(data, V, D, chunk_size) -> jax.Array:
         g = jnp.einsum("cmd,cm->cd", X, z)
         return None, jnp.einsum("cd,cr->dr", g * fresh[:, None], v)
 
-    return map_user_chunks(fn, (data.X, data.mask, V), chunk_size)[1]
+    return map_user_chunks(fn, (data.X, data.mask, V), chunk_size, axis=axis)[1]
 
 
-def _dense_normal_matrix(data, V, chunk_size) -> jax.Array:
+def _dense_normal_matrix(data, V, chunk_size, axis=None) -> jax.Array:
     """The ``(d r, d r)`` normal matrix in row-major ``vec(D)``; small d r only."""
 
     def fn(args, fresh):
@@ -65,10 +67,10 @@ def _dense_normal_matrix(data, V, chunk_size) -> jax.Array:
         Z = Z.reshape(-1, Z.shape[2] * Z.shape[3])
         return None, Z.T @ Z
 
-    return map_user_chunks(fn, (data.X, data.mask, V), chunk_size)[1]
+    return map_user_chunks(fn, (data.X, data.mask, V), chunk_size, axis=axis)[1]
 
 
-def _pcg(apply, rhs, x0, precond, max_iters: int, tol: float):
+def _pcg(apply, rhs, x0, precond, max_iters: int, tol, while_loop=jax.lax.while_loop):
     """Preconditioned CG on matrices with the Frobenius inner product."""
     res = rhs - apply(x0)
     z = precond(res)
@@ -88,45 +90,84 @@ def _pcg(apply, rhs, x0, precond, max_iters: int, tol: float):
         return i + 1, x, res, z, z + (rz_new / rz) * p, rz_new
 
     init = (jnp.zeros((), jnp.int32), x0, res, z, z, jnp.vdot(res, z))
-    i, x, res, *_ = jax.lax.while_loop(cond, body, init)
+    i, x, res, *_ = while_loop(cond, body, init)
     return x, i, jnp.linalg.norm(res) / rhs_norm
 
 
-def update_U(data, U, V, idx, val, *, ridge, solver, max_iters, tol, chunk_size):
+def host_while_loop(cond, body, init):
+    """``lax.while_loop`` as a Python loop, for bodies that stream host data."""
+    while bool(cond(init)):
+        init = body(init)
+    return init
+
+
+def host_fori_loop(lower: int, upper: int, body, init):
+    """``lax.fori_loop`` as a Python loop."""
+    for i in range(lower, upper):
+        init = body(i, init)
+    return init
+
+
+def update_U(
+    data, U, V, idx, val, *, ridge, solver, max_iters, tol, chunk_size, axis=None
+):
     """Least squares for U given V and B, then re-orthonormalization.
 
     Solves ``sum_i X_i^T X_i U v_i v_i^T + ridge U = sum_i X_i^T (y_i - X_i b_i) v_i^T``
     (the normal equations of the U-loss) by preconditioned conjugate gradients
     from the current ``U`` (right preconditioner ``(sum_i m_i v_i v_i^T)^-1``;
-    Gaussian ``X_i^T X_i`` average to ``m_i I``) or densely.
+    Gaussian ``X_i^T X_i`` average to ``m_i I``) or densely. With ``axis``
+    (inside ``shard_map``) the sums run over the users of every device.
 
     Returns:
       ``(U_new (d, r) orthonormal, V_new (t, r), SharedStats)`` with
       ``V_new U_new^T`` equal to ``V U_ls^T`` for the least-squares ``U_ls``.
     """
-    rhs = _rhs(data, V, idx, val, chunk_size)
-    d, r = U.shape
+    rhs = _rhs(data, V, idx, val, chunk_size, axis)
     if solver == "dense":
-        G = _dense_normal_matrix(data, V, chunk_size) + ridge * jnp.eye(
-            d * r, dtype=U.dtype
-        )
-        U_ls = spd_solve(G, rhs.reshape(-1)).reshape(d, r)
-        stats = SharedStats(jnp.zeros((), jnp.int32), jnp.zeros((), U.dtype))
+        G = _dense_normal_matrix(data, V, chunk_size, axis)
+        U_ls, stats = solve_U_dense(G, rhs, ridge)
     else:
         counts = jnp.sum(data.mask, axis=1).astype(V.dtype)
-        M = (V * counts[:, None]).T @ V + ridge * jnp.eye(r, dtype=V.dtype)
-        M_inv = jnp.linalg.inv(M + 1e-12 * jnp.trace(M) * jnp.eye(r, dtype=V.dtype))
+        M = psum((V * counts[:, None]).T @ V, axis)
 
         def apply(D):
-            return normal_operator(data, V, D, chunk_size) + ridge * D
+            return normal_operator(data, V, D, chunk_size, axis)
 
-        U_ls, iters, rel = _pcg(apply, rhs, U, lambda G: G @ M_inv, max_iters, tol)
-        stats = SharedStats(iters, rel)
+        U_ls, stats = solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol)
     U_new, R = orthonormalize(U_ls)
     return U_new, V @ R.T, stats
 
 
-def moment_matrix(data, chunk_size) -> jax.Array:
+def solve_U_dense(G, rhs, ridge):
+    """``U_ls (d, r)`` from the ``(d r, d r)`` normal matrix ``G``, ``rhs (d, r)``."""
+    d, r = rhs.shape
+    G = G + ridge * jnp.eye(d * r, dtype=rhs.dtype)
+    U_ls = spd_solve(G, rhs.reshape(-1)).reshape(d, r)
+    return U_ls, SharedStats(jnp.zeros((), jnp.int32), jnp.zeros((), rhs.dtype))
+
+
+def solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol, while_loop=jax.lax.while_loop):
+    """``U_ls (d, r)`` by CG from ``U`` with the normal operator ``apply(D)``.
+
+    ``M (r, r) = sum_i m_i v_i v_i^T`` gives the right preconditioner
+    ``(M + ridge I)^-1``; ``while_loop`` may be :func:`host_while_loop` when
+    ``apply`` streams data from the host.
+    """
+    r = M.shape[0]
+    M = M + ridge * jnp.eye(r, dtype=M.dtype)
+    M_inv = jnp.linalg.inv(M + 1e-12 * jnp.trace(M) * jnp.eye(r, dtype=M.dtype))
+
+    def regularized(D):
+        return apply(D) + ridge * D
+
+    U_ls, iters, rel = _pcg(
+        regularized, rhs, U, lambda G: G @ M_inv, max_iters, tol, while_loop
+    )
+    return U_ls, SharedStats(iters, rel)
+
+
+def moment_matrix(data, chunk_size, axis=None) -> jax.Array:
     """``sum_ij y_ij^2 x_ij x_ij^T``, shape ``(d, d)``; one d x d in total."""
 
     def fn(args, fresh):
@@ -135,10 +176,10 @@ def moment_matrix(data, chunk_size) -> jax.Array:
         Z = Z.reshape(-1, Z.shape[-1])
         return None, Z.T @ Z
 
-    return map_user_chunks(fn, (data.X, data.y, data.mask), chunk_size)[1]
+    return map_user_chunks(fn, (data.X, data.y, data.mask), chunk_size, axis=axis)[1]
 
 
-def moment_operator(data, Q, chunk_size) -> jax.Array:
+def moment_operator(data, Q, chunk_size, axis=None) -> jax.Array:
     """``sum_ij y_ij^2 x_ij x_ij^T Q`` for ``Q (d, p)`` without forming the d x d."""
 
     def fn(args, fresh):
@@ -147,10 +188,12 @@ def moment_operator(data, Q, chunk_size) -> jax.Array:
         P = jnp.einsum("cmd,dp->cmp", X, Q) * w[..., None]
         return None, jnp.einsum("cmd,cmp->dp", X, P)
 
-    return map_user_chunks(fn, (data.X, data.y, data.mask), chunk_size)[1]
+    return map_user_chunks(fn, (data.X, data.y, data.mask), chunk_size, axis=axis)[1]
 
 
-def moment_init(data, rank: int, key, *, eigensolver: str, iters: int, chunk_size):
+def moment_init(
+    data, rank: int, key, *, eigensolver: str, iters: int, chunk_size, axis=None
+):
     """Top-``rank`` eigenvectors of the moment matrix ``sum_ij y_ij^2 x_ij x_ij^T``.
 
     ``eigensolver='dense'`` forms the d x d matrix once and takes its top
@@ -158,20 +201,44 @@ def moment_init(data, rank: int, key, *, eigensolver: str, iters: int, chunk_siz
     ``iters`` rounds of block subspace iteration (one data pass each) with
     ``rank + 5`` columns, then a Rayleigh-Ritz step.
     """
-    d = data.X.shape[2]
+    return top_moment_vectors(
+        lambda: moment_matrix(data, chunk_size, axis),
+        lambda Q: moment_operator(data, Q, chunk_size, axis),
+        data.X.shape[2],
+        data.X.dtype,
+        rank,
+        key,
+        eigensolver=eigensolver,
+        iters=iters,
+    )
+
+
+def top_moment_vectors(
+    matrix,
+    operator,
+    d: int,
+    dtype,
+    rank: int,
+    key,
+    *,
+    eigensolver,
+    iters,
+    fori_loop=jax.lax.fori_loop,
+):
+    """:func:`moment_init` given ``matrix() (d, d)`` or ``operator(Q (d, p))``."""
     if eigensolver == "dense":
         # The matrix is symmetric PSD, so its singular vectors are eigenvectors;
         # XLA's CPU SVD is ~20x faster than its eigh at d = 100.
-        vecs, _, _ = jnp.linalg.svd(moment_matrix(data, chunk_size))
+        vecs, _, _ = jnp.linalg.svd(matrix())
         U = vecs[:, :rank]
     else:
         p = min(rank + 5, d)
-        Q0, _ = orthonormalize(jax.random.normal(key, (d, p), data.X.dtype))
+        Q0, _ = orthonormalize(jax.random.normal(key, (d, p), dtype))
 
         def body(_, Q):
-            return orthonormalize(moment_operator(data, Q, chunk_size))[0]
+            return orthonormalize(operator(Q))[0]
 
-        Q = jax.lax.fori_loop(0, iters, body, Q0)
-        _, vecs = jnp.linalg.eigh(Q.T @ moment_operator(data, Q, chunk_size))
+        Q = fori_loop(0, iters, body, Q0)
+        _, vecs = jnp.linalg.eigh(Q.T @ operator(Q))
         U = Q @ vecs[:, ::-1][:, :rank]
     return orthonormalize(U)[0]

@@ -1,0 +1,446 @@
+"""AMHT-LRS on data that stays in host memory (or a memory-mapped ``.npy``).
+
+The users are streamed to the device in chunks of ``chunk_users`` for every
+pass over the data; the next chunk is copied while the current one computes.
+The iteration is :func:`lrs.amht.fit`'s, driven from Python: each per-chunk
+computation is a jitted call of the same per-user and shared functions
+(``peruser.pursue_masked`` / ``rescue_masked``, ``shared._rhs`` /
+``normal_operator`` / ``moment_matrix``), the CG loop of the U step is
+``shared.solve_U_cg`` with a Python while loop, and the global selections
+(median score, worst users) run on the host. Per-user state (``V``, supports,
+values, scores: ``O(t (r + k))``) lives in host memory, so the device holds
+one chunk of data plus ``O(d r)`` (``O(d^2)`` for the dense moment matrix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrs import amht, metrics, peruser, shared
+from lrs.config import AMHTConfig
+from lrs.data import UserData, float_dtype
+from lrs.errors import FitError
+from lrs.linalg import orthonormalize
+from lrs.params import LRSParams, SparseRows, weights
+from lrs.validation import check_init, check_truth
+
+# ----------------------------------------------------- per-chunk computations
+
+
+def _scaled(X, y, mask, scale, half, config) -> UserData:
+    """A chunk with labels in fit units and the samples of half-step ``half``."""
+    data = UserData(X, y / scale, mask)
+    return data._replace(mask=amht._batch_mask(data, config, half))
+
+
+@jax.jit
+def _label_sums(X, y, mask):
+    """Sum of squared real labels, their count, and whether X, y are finite."""
+    y_sq = jnp.sum(jnp.where(mask, y, 0) ** 2)
+    return y_sq, jnp.sum(mask), jnp.isfinite(X).all(), jnp.isfinite(y).all()
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _moment_chunk(X, y, mask, scale, Q, config):
+    data = _scaled(X, y, mask, scale, 0, config)
+    if Q is None:
+        return shared.moment_matrix(data, None)
+    return shared.moment_operator(data, Q, None)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _pursue_chunk(X, y, mask, support, U, scale, half, steps, config):
+    """Per-user fits of a chunk (cold supports when ``support`` is None)."""
+    data = _scaled(X, y, mask, scale, half, config)
+    if support is None:
+        support = peruser.cold_supports(data, U, config)
+    fits = peruser.pursue_masked(*data, support, U, steps, config.ridge)
+    y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2, axis=1)
+    return fits, y_sq
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _rescue_chunk(X, y, mask, U, current, scale, half, config):
+    data = _scaled(X, y, mask, scale, half, config)
+    return peruser.rescue_masked(*data, U, current, config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _rhs_chunk(X, y, mask, inlier, V, idx, val, scale, half, config):
+    """The chunk's part of the U step's right-hand side and preconditioner."""
+    data = _shared_data(X, y, mask, inlier, scale, half, config)
+    counts = jnp.sum(data.mask, axis=1).astype(V.dtype)
+    return shared._rhs(data, V, idx, val, None), (V * counts[:, None]).T @ V
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _normal_chunk(X, y, mask, inlier, V, D, scale, half, config):
+    data = _shared_data(X, y, mask, inlier, scale, half, config)
+    if D is None:
+        return shared._dense_normal_matrix(data, V, None)
+    return shared.normal_operator(data, V, D, None)
+
+
+def _shared_data(X, y, mask, inlier, scale, half, config) -> UserData:
+    data = _scaled(X, y, mask, scale, half, config)
+    return data._replace(mask=data.mask & inlier[:, None])
+
+
+@jax.jit
+def _error_chunk(U, V, idx, val, U_star, V_star, idx_star, val_star):
+    """``(||W - W*||^2, ||W*||^2)`` over a chunk of users."""
+    d = U.shape[0]
+    W = weights(LRSParams(U, V, SparseRows(idx, val, d)))
+    W_star = weights(LRSParams(U_star, V_star, SparseRows(idx_star, val_star, d)))
+    return jnp.sum((W - W_star) ** 2), jnp.sum(W_star**2)
+
+
+# ------------------------------------------------------------- the streamer
+
+
+class _Stream:
+    """Host data cut into chunks of ``c`` users, the last one padded with
+    empty users (no samples), so every chunk has one shape."""
+
+    def __init__(self, data: UserData, c: int):
+        self.data = data
+        self.t, self.m, self.d = data.X.shape
+        self.c = min(c, self.t)
+        self.dtype = float_dtype(data.X.dtype)
+        self.starts = range(0, self.t, self.c)
+
+    def _load(self, rows, per_user, data: bool):
+        """One chunk on the device: X, y, mask (if ``data``) and ``per_user``."""
+        n = _rows_count(rows)
+        out = []
+        if data:
+            X, y, mask = self.data
+            out += [_padded(X, rows, n, self.c, self.dtype)]
+            out += [_padded(y, rows, n, self.c, self.dtype)]
+            out += [_padded(mask, rows, n, self.c, bool)]
+        out += [_padded(a, rows, n, self.c, a.dtype) for a in per_user]
+        return jax.device_put(out)
+
+    def chunks(self, *per_user, users=None, data=True) -> Iterator[tuple[object, list]]:
+        """Yields ``(rows, device arrays)`` chunk by chunk.
+
+        The arrays are ``X, y, mask`` (unless ``data`` is False) and the rows
+        of each host array in ``per_user``. The next chunk is read and copied
+        once the caller has dispatched its work on the current one. ``users``
+        (sorted indices) streams only those users, ``c`` at a time.
+        """
+        if users is None:
+            spans = [slice(s, min(s + self.c, self.t)) for s in self.starts]
+        else:
+            spans = [users[i : i + self.c] for i in range(0, len(users), self.c)]
+        current = self._load(spans[0], per_user, data) if spans else None
+        for i, rows in enumerate(spans):
+            yield rows, current
+            if i + 1 < len(spans):
+                current = self._load(spans[i + 1], per_user, data)
+
+    def total(self, fn: Callable, *per_user):
+        """Sum over chunks of ``fn(*device_arrays)`` (a pytree), on the device."""
+        acc = None
+        for _, arrays in self.chunks(*per_user):
+            part = fn(*arrays)
+            acc = part if acc is None else jax.tree.map(jnp.add, acc, part)
+        return acc
+
+
+def _padded(a, rows, n: int, c: int, dtype) -> np.ndarray:
+    """``a[rows]`` as a fresh array of ``c`` rows (zeros past ``n``)."""
+    out = np.zeros((c,) + tuple(a.shape[1:]), dtype)
+    out[:n] = np.asarray(a[rows])
+    return out
+
+
+def _drain(pending, targets) -> None:
+    """Writes a chunk's results (``(rows, n, outputs)``) into host arrays."""
+    if pending is None:
+        return
+    rows, n, outputs = pending
+    for target, value in zip(targets, outputs):
+        target[rows] = np.asarray(value)[:n]
+
+
+def _rows_count(rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+
+
+# ---------------------------------------------------------------- the fit
+
+
+def fit(
+    data: UserData,
+    config: AMHTConfig,
+    *,
+    chunk_users: int,
+    key=None,
+    callback: Callable[[int, amht.AMHTInfo], None] | None = None,
+    truth: LRSParams | None = None,
+):
+    """:func:`lrs.fit` with the data on the host, streamed in chunks of users.
+
+    Args:
+      data: a :class:`UserData` whose arrays may be numpy or memory-mapped
+        (:meth:`UserData.from_host`); never modified, never copied whole.
+      config: an :class:`AMHTConfig`.
+      chunk_users: users copied to the device at a time (``>= 1``; ``>= t``
+        means one chunk). Device memory is about ``chunk_users * m * d``
+        floats times a small factor plus ``O(d r)``; see docs/scale.md.
+      key, callback, truth: as in :func:`lrs.fit` (``callback`` runs on the
+        host between iterations; an exception it raises stops the fit).
+
+    Returns:
+      ``(params, diagnostics)`` as :func:`lrs.fit`, equal to it up to rounding;
+      ``U`` is a JAX array, ``V`` and ``B`` are numpy arrays on the host.
+
+    Raises:
+      ValueError: on bad data, configuration or ``chunk_users``.
+      FitError: if the iterates become non-finite.
+    """
+    config, U0 = _check(data, config, chunk_users, truth)
+    stream = _Stream(data, int(chunk_users))
+    key = jax.random.key(0) if key is None else key
+    scale = _label_scale(stream)
+    U = _initial_U(stream, config, key, U0, scale)
+    state = _HostState(stream.t, config.rank, config.sparsity, stream.dtype)
+    tol, cg_tol = config.tolerances(stream.dtype)
+    rows, i, change = [], 0, np.inf
+    while i == 0 or (i <= config.num_iters and change >= tol and state.finite()):
+        U_old, cg_iters = U, 0
+        if i > 0:
+            U, cg_iters = _shared_step(stream, state, U, scale, config, cg_tol)
+        steps = config.inner_steps + (3 if i == 0 else 0)
+        _per_user_step(stream, state, U, scale, config, steps, cold=i == 0)
+        info = _info(stream, state, U, U_old, i, cg_iters, scale, truth)
+        rows.append(info)
+        if callback is not None:
+            callback(i, info)
+        change = np.inf if i == 0 else info.u_change
+        state.half += 2
+        i += 1
+    diagnostics = amht.AMHTInfo(*(np.asarray(f) for f in zip(*rows)))
+    params = state.params(U, scale, stream.d)
+    _raise_if_nonfinite(params, diagnostics)
+    return params, diagnostics
+
+
+class _HostState:
+    """Per-user state of the streamed fit, in host memory (``O(t (r + k))``)."""
+
+    def __init__(self, t: int, r: int, k: int, dtype):
+        self.V = np.zeros((t, r), dtype)
+        self.indices = np.zeros((t, k), np.int32)
+        self.values = np.zeros((t, k), dtype)
+        self.sq_residual = np.zeros((t,), dtype)
+        self.y_sq = np.zeros((t,), dtype)
+        self.counts = np.zeros((t,), np.int64)
+        self.half = 0  # half-step counter of fresh_samples batches
+
+    def fits(self):
+        return (self.V, self.indices, self.values, self.sq_residual)
+
+    def score(self) -> np.ndarray:
+        """As :func:`lrs.peruser.relative_residual`."""
+        return self.sq_residual / (self.y_sq + np.finfo(self.y_sq.dtype).tiny)
+
+    def loss(self):
+        return self.sq_residual.sum() / self.counts.sum()
+
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.loss()))
+
+    def params(self, U, scale, d: int) -> LRSParams:
+        s = np.asarray(scale)
+        B = SparseRows(self.indices.copy(), self.values * s, d)
+        return LRSParams(U, self.V * s, B)
+
+
+def _label_scale(stream: _Stream) -> jax.Array:
+    """As :func:`lrs.amht._label_scale`; also checks the data are finite."""
+    y_sq, count, finite_X, finite_y = stream.total(_label_sums)
+    if not bool(finite_X):
+        raise ValueError("data.X contains NaN or inf values")
+    if not bool(finite_y):
+        raise ValueError("data.y contains NaN or inf values")
+    rms = jnp.sqrt(y_sq / jnp.maximum(count, 1))
+    return jnp.where(rms > 0, rms, 1).astype(stream.dtype)
+
+
+def _initial_U(stream: _Stream, config: AMHTConfig, key, U0, scale) -> jax.Array:
+    """As :func:`lrs.amht.initial_U`, the moment passes streamed."""
+    d, r = stream.d, config.rank
+    if U0 is not None:
+        return orthonormalize(jnp.asarray(U0))[0]
+    if config.init == "random":
+        return orthonormalize(jax.random.normal(key, (d, r), stream.dtype))[0]
+
+    def moments(Q=None):
+        return stream.total(
+            lambda X, y, mask: _moment_chunk(X, y, mask, scale, Q, config)
+        )
+
+    return shared.top_moment_vectors(
+        moments,
+        moments,
+        d,
+        stream.dtype,
+        r,
+        key,
+        eigensolver=amht.eigensolver(config, d),
+        iters=config.init_iters,
+        fori_loop=shared.host_fori_loop,
+    )
+
+
+def _per_user_step(stream, state: _HostState, U, scale, config, steps, cold: bool):
+    """As :func:`lrs.peruser.per_user_step`: pursuit pass, then the rescue."""
+    half, steps = state.half + 1, jnp.asarray(steps, jnp.int32)
+    targets = state.fits() + (state.y_sq, state.counts)
+    pending = None
+    for rows, (X, y, mask, *warm) in stream.chunks(*(() if cold else (state.indices,))):
+        _drain(pending, targets)  # the previous chunk, while this one computes
+        support = None if cold else warm[0]
+        fits, y_sq = _pursue_chunk(X, y, mask, support, U, scale, half, steps, config)
+        counts = jnp.sum(amht._batch_mask(UserData(X, y, mask), config, half), axis=1)
+        pending = (rows, _rows_count(rows), (*fits, y_sq, counts))
+    _drain(pending, targets)
+    n = peruser.rescue_count(stream.t, config)
+    score = state.score()
+    floor = 10 * np.median(score) + 1e3 * np.finfo(score.dtype).eps  # rescue_floor
+    if n == 0 or not score.max() > floor:
+        return
+    worst = np.sort(np.argsort(-score, kind="stable")[:n])  # lax.top_k's choice
+    pending = None
+    for rows, (X, y, mask, *current) in stream.chunks(*state.fits(), users=worst):
+        _drain(pending, state.fits())
+        better = _rescue_chunk(
+            X, y, mask, U, peruser.UserFit(*current), scale, half, config
+        )
+        pending = (rows, len(rows), better)
+    _drain(pending, state.fits())
+
+
+def _shared_step(stream, state: _HostState, U, scale, config, cg_tol):
+    """As :func:`lrs.amht._shared_update`: ``(U_new, cg_iters)``."""
+    score = state.score()
+    median = np.median(score)
+    inlier = score <= 100 * median + np.finfo(score.dtype).eps
+    tol = jnp.maximum(cg_tol, 0.1 * jnp.sqrt(jnp.asarray(median)))
+    half = state.half
+    user_arrays = (inlier, state.V, state.indices, state.values)
+
+    def rhs_part(X, y, mask, inl, V, idx, val):
+        return _rhs_chunk(X, y, mask, inl, V, idx, val, scale, half, config)
+
+    def normal(D):
+        def part(X, y, mask, inl, V, *_):
+            return _normal_chunk(X, y, mask, inl, V, D, scale, half, config)
+
+        return stream.total(part, *user_arrays)
+
+    rhs, M = stream.total(rhs_part, *user_arrays)
+    if config.u_solver == "dense":
+        U_ls, stats = shared.solve_U_dense(normal(None), rhs, config.ridge)
+    else:
+        U_ls, stats = shared.solve_U_cg(
+            normal,
+            rhs,
+            U,
+            M,
+            config.ridge,
+            config.cg_iters,
+            tol,
+            while_loop=shared.host_while_loop,
+        )
+    return orthonormalize(U_ls)[0], int(stats.cg_iters)
+
+
+def _info(stream, state, U, U_old, i, cg_iters, scale, truth) -> amht.AMHTInfo:
+    """The iteration's :class:`lrs.amht.AMHTInfo`, as Python scalars."""
+    nan = float("nan")
+    change = nan if i == 0 else float(metrics.subspace_distance(U_old, U))
+    error = distance = nan
+    if truth is not None:
+        num = den = 0.0
+        arrays = (state.V, state.indices, state.values)
+        arrays += (np.asarray(truth.V), np.asarray(truth.B.indices))
+        arrays += (np.asarray(truth.B.values),)
+        for rows, (Vc, ic, bc, Vs, is_, bs) in stream.chunks(*arrays, data=False):
+            inv = 1 / scale
+            a, b = _error_chunk(U, Vc, ic, bc, truth.U, Vs * inv, is_, bs * inv)
+            num, den = num + float(a), den + float(b)
+        error = float(np.sqrt(num) / np.sqrt(den))
+        distance = float(metrics.subspace_distance(U, jnp.asarray(truth.U)))
+    loss = float(state.loss() * np.asarray(scale) ** 2)
+    return amht.AMHTInfo(loss, change, cg_iters, error, distance)
+
+
+def _raise_if_nonfinite(params: LRSParams, diagnostics) -> None:
+    bad = np.flatnonzero(~np.isfinite(diagnostics.loss))
+    if bad.size:
+        raise FitError(f"the fit became non-finite at iteration {bad[0]}")
+    leaves = (params.U, params.V, params.B.values)
+    if not all(np.isfinite(np.asarray(a)).all() for a in leaves):
+        raise FitError(
+            f"the fit became non-finite at iteration {len(diagnostics.loss) - 1}"
+        )
+
+
+def _check(data, config, chunk_users, truth):
+    """Host-side checks that read no data values; returns ``(config, U0)``."""
+    if not isinstance(config, AMHTConfig):
+        raise ValueError(
+            f"config must be an lrs.AMHTConfig; got {type(config).__name__}"
+        )
+    if isinstance(chunk_users, bool) or not isinstance(chunk_users, int | np.integer):
+        raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users!r}")
+    if chunk_users < 1:
+        raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users}")
+    _check_host_data(data, config)
+    t, _, d = data.X.shape
+    U0 = None
+    if not isinstance(config.init, str):
+        U0 = check_init(config.init, d, config.rank, float_dtype(data.X.dtype))
+        config = dataclasses.replace(config, init="moments")
+    if truth is not None:
+        check_truth(truth, t, d)
+    return config, U0
+
+
+def _check_host_data(data, config: AMHTConfig) -> None:
+    """Shapes, dtypes and sample counts of ``data`` (values: see fit)."""
+    if not isinstance(data, UserData):
+        raise ValueError(f"data must be an lrs.UserData; got {type(data).__name__}")
+    X, y, mask = data
+    for name, a in (("X", X), ("y", y)):
+        dtype = getattr(a, "dtype", None)
+        if dtype is None or not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"data.{name} must be a real floating array; got {dtype}")
+    if X.ndim != 3 or X.shape[0] == 0:
+        raise ValueError(f"data.X must have shape (t, m, d), t >= 1; got {X.shape}")
+    t, m, d = X.shape
+    if y.shape != (t, m) or mask.shape != (t, m) or mask.dtype != bool:
+        raise ValueError(
+            f"data.y and data.mask must have shape (t, m) = {(t, m)}, the mask "
+            f"boolean; got {y.shape} and {mask.shape} {mask.dtype}"
+        )
+    if not config.rank < d:
+        raise ValueError(f"rank must be < d = {d}; got {config.rank}")
+    if not config.sparsity < d:
+        raise ValueError(f"sparsity must be < d = {d}; got {config.sparsity}")
+    need = (config.rank + config.sparsity) * max(config.fresh_samples, 1)
+    short = np.flatnonzero(np.asarray(mask).sum(axis=1) < need)
+    if short.size:
+        raise ValueError(
+            f"data: {short.size} user(s) have fewer than {need} samples "
+            f"(rank + sparsity, times fresh_samples if > 1), e.g. user {short[0]}"
+        )

@@ -6,6 +6,7 @@ from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.errors import FitError
 from lrs.params import LRSParams, SparseRows, predict, weights
+from lrs.streaming import fit as fit_streamed
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "baselines",
     "datasets",
     "fit",
+    "fit_streamed",
     "init",
     "metrics",
     "personalize",

@@ -90,8 +90,12 @@ def _dense(key, p, q, scale, dtype):
     return scale * jax.random.normal(key, (p, q), dtype) / jnp.sqrt(p).astype(dtype)
 
 
-def init(key: jax.Array, config: TransformerConfig, dtype=jnp.float32) -> dict:
-    """Random parameters: a dict pytree (weights ``(p, q)``, biases ``(q,)``)."""
+def init(key: jax.Array, config: TransformerConfig, dtype=None) -> dict:
+    """Random parameters: a dict pytree (weights ``(p, q)``, biases ``(q,)``).
+
+    ``dtype`` defaults to JAX's default float (float64 under ``jax_enable_x64``).
+    """
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)
     d, s = config.d_model, config.init_scale
     keys = jax.random.split(key, 3 + config.num_layers)
     ones, zeros = jnp.ones(d, dtype), jnp.zeros(d, dtype)

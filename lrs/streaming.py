@@ -41,9 +41,10 @@ def _scaled(X, y, mask, scale, half, config) -> UserData:
 
 @jax.jit
 def _label_sums(X, y, mask):
-    """Sum of squared real labels, their count, and whether X, y are finite."""
+    """Sum of squared real labels, their count, non-finite entries of X and y."""
     y_sq = jnp.sum(jnp.where(mask, y, 0) ** 2)
-    return y_sq, jnp.sum(mask), jnp.isfinite(X).all(), jnp.isfinite(y).all()
+    bad_X, bad_y = jnp.sum(~jnp.isfinite(X)), jnp.sum(~jnp.isfinite(y))
+    return y_sq, jnp.sum(mask), bad_X, bad_y
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -266,10 +267,10 @@ class _HostState:
 
 def _label_scale(stream: _Stream) -> jax.Array:
     """As :func:`lrs.amht._label_scale`; also checks the data are finite."""
-    y_sq, count, finite_X, finite_y = stream.total(_label_sums)
-    if not bool(finite_X):
+    y_sq, count, bad_X, bad_y = stream.total(_label_sums)
+    if int(bad_X):
         raise ValueError("data.X contains NaN or inf values")
-    if not bool(finite_y):
+    if int(bad_y):
         raise ValueError("data.y contains NaN or inf values")
     rms = jnp.sqrt(y_sq / jnp.maximum(count, 1))
     return jnp.where(rms > 0, rms, 1).astype(stream.dtype)

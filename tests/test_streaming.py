@@ -1,0 +1,119 @@
+"""Specification of the streamed fit: ``lrs.fit_streamed(data, config, chunk_users=c)``.
+
+Data on the host (numpy or a memory-mapped ``.npy``) is copied to the device
+``c`` users at a time for every pass; the result equals the in-memory fit.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+import lrs
+from lrs import streaming
+
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
+
+# Rescue on (0.2 of 20 users), two iterations after the initialization.
+CONFIG = lrs.AMHTConfig(rank=2, sparsity=1, num_iters=2, tol=0.0, rescue_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return lrs.synthetic.make_problem(
+        jax.random.key(5), d=12, t=20, m=12, r=2, k=1, dtype="float64"
+    )
+
+
+@pytest.fixture(scope="module")
+def in_memory(problem):
+    data, truth = problem
+    return lrs.fit(data, CONFIG, truth=truth)
+
+
+def _host(data) -> lrs.UserData:
+    return lrs.UserData.from_host(*(np.array(a) for a in data))
+
+
+def _assert_same_fit(streamed, in_memory):
+    (p1, d1), (p2, d2) = in_memory, streamed
+    np.testing.assert_allclose(lrs.weights(p2), lrs.weights(p1), atol=1e-10)
+    np.testing.assert_allclose(p2.U, p1.U, atol=1e-10)
+    np.testing.assert_array_equal(d2.cg_iters, d1.cg_iters)
+    np.testing.assert_allclose(d2.relative_error, d1.relative_error, atol=1e-10)
+    np.testing.assert_allclose(d2.loss, d1.loss, rtol=1e-9)
+
+
+def test_streamed_from_a_memory_mapped_file_equals_the_in_memory_fit(
+    problem, in_memory, tmp_path
+):
+    data, truth = problem
+    np.save(tmp_path / "X.npy", np.asarray(data.X))
+    X = np.load(tmp_path / "X.npy", mmap_mode="r")
+    host = lrs.UserData.from_host(X, np.array(data.y))
+    assert isinstance(host.X, np.memmap)  # not copied
+    seen = []
+    # 3 users per chunk: 7 chunks, the last one with 2 users.
+    out = lrs.fit_streamed(
+        host, CONFIG, chunk_users=3, truth=truth, callback=lambda i, _: seen.append(i)
+    )
+    _assert_same_fit(out, in_memory)
+    assert seen == [0, 1, 2]
+    assert out[0].V.shape == (20, 2) and out[0].B.indices.shape == (20, 1)
+
+
+@pytest.mark.parametrize("chunk_users", [1, 1000])
+def test_any_chunk_size_gives_the_same_fit(problem, in_memory, chunk_users):
+    data, truth = problem
+    host = _host(data)
+    before = [a.copy() for a in host]
+    out = lrs.fit_streamed(host, CONFIG, chunk_users=chunk_users, truth=truth)
+    _assert_same_fit(out, in_memory)
+    for a, b in zip(host, before):  # the inputs are not modified
+        np.testing.assert_array_equal(a, b)
+
+
+def test_chunks_cover_every_user_once_and_pad_the_last():
+    X = np.arange(5 * 2 * 3, dtype=np.float64).reshape(5, 2, 3)
+    stream = streaming._Stream(lrs.UserData.from_host(X, np.ones((5, 2))), 2)
+    chunks = list(stream.chunks(np.arange(5)))
+    assert [rows for rows, _ in chunks] == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    _, (X_last, y_last, mask_last, ids_last) = chunks[-1]
+    assert X_last.shape == (2, 2, 3)  # one shape for every chunk
+    np.testing.assert_array_equal(X_last[0], X[4])
+    assert mask_last[0].all() and not mask_last[1].any()  # padding: no samples
+    assert streaming._Stream(stream.data, 99).c == 5
+
+
+@pytest.mark.parametrize("chunk_users", [0, -3, 2.5, True, "4", None])
+def test_bad_chunk_users_raise(problem, chunk_users):
+    data, _ = problem
+    with pytest.raises(ValueError, match="chunk_users must be an integer >= 1"):
+        lrs.fit_streamed(_host(data), CONFIG, chunk_users=chunk_users)
+
+
+def test_bad_data_raise(problem):
+    data, _ = problem
+    with pytest.raises(ValueError, match="data must be an lrs.UserData"):
+        lrs.fit_streamed(np.asarray(data.X), CONFIG, chunk_users=4)
+    X = np.array(data.X)
+    X[7, 3, 2] = np.nan
+    with pytest.raises(ValueError, match="data.X contains NaN or inf"):
+        lrs.fit_streamed(
+            lrs.UserData.from_host(X, np.array(data.y)), CONFIG, chunk_users=4
+        )
+    short = _host(data)._replace(mask=np.zeros((20, 12), bool))
+    with pytest.raises(ValueError, match="fewer than 3 samples"):
+        lrs.fit_streamed(short, CONFIG, chunk_users=4)
+
+
+def test_from_host_checks_shapes_and_dtypes():
+    X, y = np.zeros((4, 3, 5)), np.zeros((4, 3))
+    assert lrs.UserData.from_host(X, y).mask.all()
+    with pytest.raises(ValueError, match="X must be a real floating array"):
+        lrs.UserData.from_host(X.astype(int), y)
+    with pytest.raises(ValueError, match="y must have shape"):
+        lrs.UserData.from_host(X, y[:3])
+    with pytest.raises(ValueError, match="mask must be a boolean"):
+        lrs.UserData.from_host(X, y, np.ones((4, 3)))
+    with pytest.raises(ValueError, match="X must be a numpy array"):
+        lrs.UserData.from_host(list(X), y)

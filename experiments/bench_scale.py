@@ -1,6 +1,7 @@
 """Benchmark of how the fit scales: time per iteration against t and d.
 
     python experiments/bench_scale.py --out bench-scale          # CPU sweeps
+    python experiments/bench_scale.py --stream-cpu-only --out s  # streamed vs in-memory
     python experiments/bench_scale.py --quick --out /tmp/s       # smoke test
     python experiments/bench_scale.py --gpu --out bench-gpu      # on a GPU: P2,
         # bandwidth of the data passes, and the largest streamed t
@@ -204,6 +205,22 @@ def run_gpu(sizes, stream_t, chunk_bytes, seed) -> dict:
     return out
 
 
+def run_stream_cpu(sizes, chunks, iters, rounds, seed) -> dict:
+    """Streamed vs in-memory time per iteration on the same problem (CPU)."""
+    data, _ = lrs.synthetic.make_problem(jax.random.key(seed), **sizes, dtype="float32")
+    rows = [dict(time_per_iteration(data, sizes, iters, rounds), chunk_users=None)]
+    host = lrs.UserData.from_host(*(np.asarray(a) for a in data))
+    for chunk in chunks:
+
+        def fit(data, config, chunk=chunk):
+            return lrs.fit_streamed(host, config, chunk_users=chunk)
+
+        row = time_per_iteration(data, sizes, iters, rounds, fit=fit)
+        rows.append(dict(row, chunk_users=chunk))
+        print(f"  streamed chunk={chunk}: {row['seconds_per_iteration']:.3f} s/it")
+    return dict(sizes=sizes, rows=rows)
+
+
 def run(args) -> dict:
     base, t_sweep, d_sweep = BASE, T_SWEEP, D_SWEEP
     if args.quick:
@@ -226,13 +243,19 @@ def run(args) -> dict:
         cpu_count=os.cpu_count(),
         date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     )
-    if not args.gpu_only:
+    if not (args.gpu_only or args.stream_cpu_only):
         result["cpu"] = run_cpu(
             t_sweep, d_sweep, base, args.iters, args.rounds, args.seed
         )
         print(
             f"exponent in t: {result['cpu']['exponent_t']:.2f}, "
             f"in d: {result['cpu']['exponent_d']:.2f}"
+        )
+    if args.stream_cpu:
+        sizes = dict(base, t=t_sweep[1])
+        chunks = (sizes["t"], sizes["t"] // 10)
+        result["stream_cpu"] = run_stream_cpu(
+            sizes, chunks, args.iters, args.rounds, args.seed
         )
     if args.gpu or args.gpu_only:
         sizes = dict(P2) if not args.quick else dict(d=40, t=400, m=30, r=3, k=3)
@@ -251,9 +274,14 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu", action="store_true", help="also the GPU figures")
     parser.add_argument("--gpu-only", action="store_true")
+    parser.add_argument(
+        "--stream-cpu", action="store_true", help="streamed vs in-memory, t=1e4"
+    )
+    parser.add_argument("--stream-cpu-only", action="store_true")
     parser.add_argument("--stream-t", type=float, nargs="*", default=None)
     parser.add_argument("--chunk-bytes", type=int, default=2 * 2**30)
     args = parser.parse_args(argv)
+    args.stream_cpu = args.stream_cpu or args.stream_cpu_only
     result = run(args)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_scale.json")

@@ -328,7 +328,7 @@ def fit(
       mesh: a ``jax.sharding.Mesh`` with an axis ``'users'``: the users are
         split over its devices (any ``t``; see docs/scale.md) and the result
         equals the single-device fit up to rounding. ``V`` and ``B`` come back
-        sharded over the mesh. ``None``: the default device.
+        whole on the default device. ``None``: the default device only.
 
     Returns:
       ``(params, diagnostics)``: :class:`LRSParams` and an :class:`AMHTInfo` of
@@ -342,6 +342,8 @@ def fit(
         raise ValueError(
             f"config must be an lrs.AMHTConfig; got {type(config).__name__}"
         )
+    if mesh is not None:
+        sharding.check_mesh(mesh)
     data = check_data(data, config)
     t, _, d = data.X.shape
     U0 = None

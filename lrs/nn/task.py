@@ -50,7 +50,7 @@ class TaskConfig:
     num_new_users: int = 200
     samples_per_user: int = 10
     test_samples: int = 20
-    val_samples: int = 10
+    val_samples: int = 20
     layers: tuple[str, ...] = ("block1/mlp_out", "head")
     rank: int = 4
     sparsity: int = 8
@@ -81,6 +81,7 @@ class Task(NamedTuple):
     val: Split  # same users, fresh samples (for tuning)
     test: Split  # same users, fresh samples
     new_train: Split  # new users, m samples each (cold start)
+    new_val: Split  # new users, fresh samples (for early stopping)
     new_test: Split  # new users, fresh samples
     teacher: dict  # teacher base parameters
     deltas: jax.Array  # (num_users + num_new_users, P) user deltas (flat)
@@ -112,68 +113,59 @@ def _user_deltas(key, config, size, num):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layers"))
-def _label_block(teacher, model, layers, deltas, tokens):
-    """Labels of ``tokens (B, T)``, row j under the teacher with ``deltas[j]``."""
-
-    def one(delta, x):
-        d = split_flat(delta, model, layers)
-        return apply(teacher, x[None], model, deltas=d)[0]
-
-    return jax.vmap(one)(deltas, tokens).argmax(-1).astype(jnp.int32)
-
-
-def _labels(teacher, model, layers, deltas, tokens, block=2048):
+def _labels(teacher, model, layers, deltas, tokens):
     """Labels ``(n, m)`` of ``tokens (n, m, T)``; user i's teacher has ``deltas[i]``."""
-    n, m, t = tokens.shape
-    flat_tokens = np.asarray(tokens).reshape(n * m, t)
-    owner = np.repeat(np.arange(n), m)
-    out = []
-    for start in range(0, n * m, block):
-        rows = np.arange(start, start + block) % (n * m)  # fixed shape: wrap
-        labels = _label_block(
-            teacher, model, layers, deltas[owner[rows]], flat_tokens[rows]
-        )
-        out.append(np.asarray(labels)[: min(block, n * m - start)])
-    return jnp.asarray(np.concatenate(out).reshape(n, m))
+
+    def one(args):
+        delta, x = args
+        return apply(teacher, x, model, deltas=split_flat(delta, model, layers))
+
+    logits = jax.lax.map(one, (deltas, tokens), batch_size=100)
+    return logits.argmax(-1).astype(jnp.int32)
 
 
 def make_task(key: jax.Array, model: TransformerConfig, config: TaskConfig) -> Task:
-    """Draws the teacher, the users' deltas and every split."""
+    """Draws the teacher, the users' deltas and every split.
+
+    Each user draws ``m + val_samples + test_samples`` sequences at once (new
+    users' validation draws are unused), so the teacher and the users only
+    depend on ``key`` and the sizes, not on ``samples_per_user``.
+    """
     size = flat_size(model, config.layers)
     tmodel = dataclasses.replace(model, init_scale=config.teacher_scale)
     k_teacher, k_users, k_calib, k_data = jax.random.split(key, 4)
     teacher = init(k_teacher, tmodel)
     calib = jax.random.randint(k_calib, (4096, model.seq_len), 0, model.vocab)
     teacher["head_b"] = -apply(teacher, calib, model).mean(0)
-    num = config.num_users + config.num_new_users
+    n, num = config.num_users, config.num_users + config.num_new_users
     scales = _layer_scales(model, config.layers, config.teacher_scale)
     deltas = config.strength * _user_deltas(k_users, config, size, num) * scales
+    m, mv, mt = config.samples_per_user, max(config.val_samples, 1), config.test_samples
+    shape = (num, m + mv + mt, model.seq_len)
+    tokens = jax.random.randint(k_data, shape, 0, model.vocab).astype(jnp.int32)
+    labels = _labels(teacher, model, config.layers, deltas, tokens)
+    global_labels = _labels(teacher, model, config.layers, 0 * deltas, tokens)
 
-    def split(k, users, m):
-        tokens = jax.random.randint(k, (len(users), m, model.seq_len), 0, model.vocab)
-        labels = _labels(teacher, model, config.layers, deltas[users], tokens)
-        return Split(tokens.astype(jnp.int32), labels)
+    def split(users, start, stop):
+        return Split(tokens[users, start:stop], labels[users, start:stop])
 
-    old = np.arange(config.num_users)
-    new = np.arange(config.num_users, num)
-    keys = jax.random.split(k_data, 6)
-    m, mt = config.samples_per_user, config.test_samples
-    test = split(keys[2], old, mt)
-    global_labels = _labels(
-        teacher, model, config.layers, jnp.zeros((len(old), size)), test.tokens
-    )
-    freq = np.bincount(np.asarray(test.labels).ravel(), minlength=model.num_classes)
+    old, new = slice(0, n), slice(n, num)
+    test_labels = np.asarray(labels[old, m + mv :])
+    freq = np.bincount(test_labels.ravel(), minlength=model.num_classes)
     info = {
-        "personal_label_fraction": float((global_labels != test.labels).mean()),
+        "personal_label_fraction": float(
+            (np.asarray(global_labels[old, m + mv :]) != test_labels).mean()
+        ),
         "class_frequencies": (freq / freq.sum()).tolist(),
         "flat_size": size,
     }
     return Task(
-        train=split(keys[0], old, m),
-        val=split(keys[1], old, max(config.val_samples, 1)),
-        test=test,
-        new_train=split(keys[3], new, m),
-        new_test=split(keys[4], new, mt),
+        train=split(old, 0, m),
+        val=split(old, m, m + mv),
+        test=split(old, m + mv, None),
+        new_train=split(new, 0, m),
+        new_val=split(new, m, m + mv),
+        new_test=split(new, m + mv, None),
         teacher=teacher,
         deltas=deltas,
         info=info,

@@ -83,9 +83,11 @@ class TrainConfig:
 
 
 class TrainResult(NamedTuple):
-    params: dict  # {"base", "shared", "users"}
+    params: dict  # {"base", "shared", "users"}; the best on ``val`` if given
     loss: np.ndarray  # (steps,) training loss of each step's batch
     seconds: float  # wall time, compilation included
+    val_accuracy: np.ndarray  # (chunks,) after each chunk; empty without val
+    best_step: int  # steps taken by the returned params
 
 
 def _optimizer():
@@ -218,6 +220,7 @@ def train(
     config: TrainConfig,
     *,
     phase: str = "shared",
+    val: tuple[jax.Array, jax.Array] | None = None,
     progress: bool = True,
     desc: str | None = None,
 ) -> TrainResult:
@@ -226,6 +229,9 @@ def train(
     Args:
       phase: ``"shared"`` (base, shared and per-user parts) or ``"new_users"``
         (per-user parts only; ``params["users"]`` are the new users').
+      val: optional ``(tokens (n, m', T), labels (n, m'))`` of the same users:
+        the accuracy on it is measured after each chunk (and at step 0) and the
+        best parameters are returned (early stopping).
     Returns ``TrainResult``; the inputs are not modified.
     """
     if phase not in ("shared", "new_users"):
@@ -246,6 +252,10 @@ def train(
     size = config.steps // chunks
     keys = jax.random.split(key, chunks)
     losses, start = [], time.perf_counter()
+    if val is not None:
+        val = _check_data(*val, model)
+        best = (evaluate(adapter, model, params, *val)[1], params, 0)
+        val_acc = []
     from tqdm import tqdm
 
     bar = tqdm(
@@ -261,9 +271,22 @@ def train(
             batches = _sample(k, tokens, labels, size, G, s)
             carry, loss = _chunk(carry, batches, hyper, adapter, model, phase)
             losses.append(np.asarray(loss))
-            bar.set_postfix(loss=f"{losses[-1][-1]:.3f}", refresh=False)
+            post = {"loss": f"{losses[-1][-1]:.3f}"}
+            if val is not None:
+                val_acc.append(evaluate(adapter, model, carry[0], *val)[1])
+                post["val_acc"] = f"{val_acc[-1]:.3f}"
+                if val_acc[-1] > best[0]:
+                    best = (val_acc[-1], carry[0], size * len(losses))
+            bar.set_postfix(post, refresh=False)
             bar.update(size)
-    return TrainResult(carry[0], np.concatenate(losses), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if val is None:
+        return TrainResult(
+            carry[0], np.concatenate(losses), seconds, np.zeros(0), config.steps
+        )
+    return TrainResult(
+        best[1], np.concatenate(losses), seconds, np.array(val_acc), best[2]
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("adapter", "model"))
@@ -275,12 +298,12 @@ def _eval_chunk(params, ids, tokens, labels, adapter, model):
 
 
 def evaluate(
-    adapter, model, params, tokens, labels, *, users_per_batch: int = 256
+    adapter, model, params, tokens, labels, *, users_per_batch: int = 64
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over all users' ``tokens (n, m, T)``."""
     tokens, labels = _check_data(tokens, labels, model)
     n = labels.shape[0]
-    G = min(users_per_batch, n)
+    G = users_per_batch  # fixed chunk shape: one compilation for any n
     losses, accs = [], []
     for start in range(0, n, G):
         ids = np.arange(start, start + G) % n  # the last chunk wraps: fixed shapes

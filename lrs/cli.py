@@ -161,7 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-plot", dest="plot", action="store_false", help=f"do not write {PLOT_NAME}"
     )
     demo.set_defaults(handler=_demo, subparser=demo)
+
+    transformer = sub.add_parser(
+        "transformer",
+        add_help=False,  # `lrs transformer --help` is answered by lrs.nn.experiment
+        prefix_chars="+",  # so every "-..." argument lands in `rest`, untouched
+        help="personalized transformer: LRS layers vs adapters (docs/transformer.md)",
+    )
+    transformer.add_argument("rest", nargs=argparse.REMAINDER)
+    transformer.set_defaults(handler=_transformer, subparser=transformer)
     return parser
+
+
+def _transformer(args: argparse.Namespace) -> int:
+    from lrs.nn.experiment import main as transformer_main  # imports JAX lazily
+
+    return transformer_main(args.rest, prog="lrs transformer")
 
 
 def main(argv: list[str] | None = None) -> int:

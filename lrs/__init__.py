@@ -31,3 +31,11 @@ __all__ = [
     "theory",
     "weights",
 ]
+
+
+def __getattr__(name):  # lrs.nn (optax, the transformer) is imported on first use
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module("lrs.nn")
+    raise AttributeError(f"module 'lrs' has no attribute {name!r}")

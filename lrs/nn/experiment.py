@@ -146,6 +146,14 @@ def _resolve(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.samples) < 1:
         raise ValueError("--samples must be >= 1")
+    for name in ("lr", "lr_user", "lr_sparse"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("rank", "sparsity", "d_model", "layers"):
+        if getattr(args, name) < (1 if name in ("d_model", "layers") else 0):
+            raise ValueError(f"--{name.replace('_', '-')} is out of range")
+    if args.d_model % 4:
+        raise ValueError(f"--d-model must be a multiple of 4 heads; got {args.d_model}")
 
 
 def make_adapter(name, model, layers, rank, sparsity):

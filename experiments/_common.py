@@ -157,3 +157,9 @@ def figure(ncols: int = 1, nrows: int = 1, size=(5, 4)):
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def mse_zero(data: lrs.UserData) -> float:
+    """Mean squared target over the real samples: the error of predicting 0."""
+    y = jnp.where(data.mask, data.y, 0)
+    return float(jnp.sum(y * y) / jnp.sum(data.mask))

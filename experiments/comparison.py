@@ -48,9 +48,10 @@ def make_truth(kind: str, key, *, d, t, m, r, k, noise):
     return data, truth
 
 
-def run(args) -> dict:
+def run(args, sizes: dict | None = None) -> dict:
+    """The experiment; ``sizes`` overrides the FULL / QUICK settings (tests)."""
     start = c.setup(args)
-    p = dict(QUICK if args.quick else FULL)
+    p = dict(QUICK if args.quick else FULL) | (sizes or {})
     if args.seeds is not None:
         p["seeds"] = args.seeds
     regimes = {"scarce": p["r"] + p["k"] + 2, "rich": p["d"]}
@@ -69,7 +70,13 @@ def run(args) -> dict:
             k=p["k"],
             noise=p["noise"],
         )
-        fits = c.fitters(p["r"], p["k"], U=truth.U, convex_steps=p["convex_steps"])
+        fits = c.fitters(
+            p["r"],
+            p["k"],
+            U=truth.U,
+            convex_steps=p["convex_steps"],
+            grid=p.get("convex_grid"),
+        )
         for regime, m in regimes.items():
             train, test = c.split_samples(data, m_train, m)
             for name, fit in fits.items():

@@ -43,6 +43,12 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=default_out, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="first random seed")
     p.add_argument("--x64", action="store_true", help="float64 (default float32)")
+    p.add_argument(
+        "--cheap-compiles",
+        action="store_true",
+        help="skip most XLA optimizations: much faster compiles of the many small "
+        "programs, slower runs; results change only in the last digits",
+    )
     return p
 
 
@@ -50,6 +56,8 @@ def setup(args) -> float:
     """Applies ``--x64``, creates ``--out``; returns the start time."""
     if args.x64:
         jax.config.update("jax_enable_x64", True)
+    if getattr(args, "cheap_compiles", False):
+        jax.config.update("jax_disable_most_optimizations", True)
     os.makedirs(args.out, exist_ok=True)
     return time.perf_counter()
 

@@ -464,22 +464,42 @@ def _as_lrs(L: np.ndarray, S: np.ndarray) -> LRSParams:
 # ----------------------------------------------------------------------- oracle
 
 
-def oracle(data: UserData, config, *, key=None, U):
+@functools.partial(jax.jit, static_argnames=("config", "passes"))
+def _oracle_fits(data: UserData, U, config: AMHTConfig, passes: int):
+    """Cold-started per-user step given ``U``, then ``passes`` warm ones."""
+    fits = per_user_step(data, U, None, config)
+    body = lambda _, f: per_user_step(data, U, f.support, config)  # noqa: E731
+    return jax.lax.fori_loop(0, passes, body, fits)
+
+
+def oracle(data: UserData, config, *, key=None, U, passes: int = 10):
     """The true ``U`` given: only the per-user step (a reference, not a rival).
 
-    ``v_i`` and k-sparse ``b_i`` for each user given ``U (d, r)``, as
-    :func:`lrs.personalize` fits them. Use ``functools.partial(oracle, U=U)``
-    for the common signature.
+    ``v_i`` and k-sparse ``b_i`` for each user given ``U (d, r)``: the per-user
+    step of AMHT-LRS, cold-started and then repeated ``passes`` times warm
+    (as often as a fit runs it, so the oracle's per-user solver is no weaker
+    than the one inside :func:`lrs.fit`). Use ``functools.partial(oracle,
+    U=U)`` for the common signature.
 
     Returns:
-      ``(LRSParams with the given U, {})``.
+      ``(LRSParams with the given U, {"sq_residual": (t,)})``.
     """
     U = jnp.asarray(U)
-    if U.ndim != 2:
-        raise ValueError(f"U must be a (d, r) array; got shape {U.shape}")
-    cfg = _amht_config(config, U.shape[1], _baseline_config(config).sparsity)
-    V, B = amht.personalize(U, data, cfg)
-    return LRSParams(U.astype(V.dtype), V, B), {}
+    if U.ndim != 2 or U.shape[0] != data.X.shape[-1] or U.shape[1] < 1:
+        raise ValueError(
+            f"U must be a (d, r) array with d = {data.X.shape[-1]}, r >= 1; "
+            f"got shape {U.shape}"
+        )
+    _check_int("passes", passes, 0)
+    k = _baseline_config(config).sparsity
+    cfg = dataclasses.replace(_amht_config(config, U.shape[1], k), init="moments")
+    data = check_data(data, cfg)
+    U = U.astype(data.X.dtype)
+    if not bool(jnp.isfinite(U).all()):
+        raise ValueError("U contains NaN or inf values")
+    fits = _oracle_fits(data, U, dataclasses.replace(cfg, num_iters=0), passes)
+    B = SparseRows(fits.support, fits.b, data.dim)
+    return LRSParams(U, fits.v, B), {"sq_residual": np.asarray(fits.sq_residual)}
 
 
 BASELINES = {

@@ -27,8 +27,15 @@ import lrs
 from lrs import baselines, theory
 
 FULL = dict(
-    d=30, t=150, r=2, k=2, ks=(1, 2, 4), rs=(1, 2, 4),
-    ms=(4, 6, 8, 10, 12, 16, 20, 28, 40), ts=(40, 80, 160, 320), seeds=2,
+    d=30,
+    t=150,
+    r=2,
+    k=2,
+    ks=(1, 2, 4),
+    rs=(1, 2, 4),
+    ms=(4, 6, 8, 10, 12, 16, 20, 28, 40),
+    ts=(40, 80, 160, 320),
+    seeds=2,
 )
 QUICK = dict(
     d=20,
@@ -175,16 +182,20 @@ def plot_map(record, key: str, path: str) -> None:
     ms, values = np.asarray(p["ms"]), np.asarray(res["values"])
     grid = np.asarray(res["success"]["amht"])
     mesh = ax.pcolormesh(
-        ms, values, grid, shading="nearest", cmap="Greys", vmin=0, vmax=1
+        ms, values, grid, shading="nearest", cmap="Greys", alpha=0.6, vmin=0, vmax=1
     )
     fig.colorbar(mesh, ax=ax, label="AMHT-LRS success probability")
     styles = dict(
-        amht="C3", oracle="C0", low_rank_only="C1", sparse_only="C2", local_ridge="C4"
+        amht=("C3", "o-"),
+        oracle=("C0", "s--"),
+        low_rank_only=("C1", "v-"),
+        sparse_only=("C2", "^-"),
+        local_ridge=("C4", "D-"),
     )
-    for name, color in styles.items():
+    for name, (color, style) in styles.items():
         pts = np.asarray(res["m50"][name], float)
         if np.isfinite(pts).any():
-            ax.plot(pts, values, "o-", color=color, label=f"{name} 50%")
+            ax.plot(pts, values, style, color=color, label=f"{name} 50%")
         else:
             ax.plot([], [], "x", color=color, label=f"{name}: never 50%")
     axis = res["axis"]

@@ -1,0 +1,464 @@
+"""Private AMHT-LRS: the fit loop (docs/privacy.md).
+
+U_0   <- top-r eigenvectors of the noisy, clipped sum_i a_i a_i^T
+V,B   <- per user, locally, given the released U
+repeat T times:
+  G, H <- noisy clipped sums of X_i^T res_i v_i^T and m_i v_i v_i^T
+  U    <- orth(U + G H^-1)                       (released)
+  V,B  <- per user, locally
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrs import metrics, peruser
+from lrs.chunking import map_user_chunks
+from lrs.config import AMHTConfig
+from lrs.data import UserData
+from lrs.errors import FitError
+from lrs.linalg import orthonormalize
+from lrs.params import LRSParams, SparseRows
+from lrs.private import accounting
+from lrs.private import mechanism as mech
+from lrs.private.config import DPConfig
+from lrs.shared import sparse_predictions
+from lrs.validation import check_data, check_init, check_truth
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyRecord:
+    """What was spent, and how: the public part of the diagnostics.
+
+    ``epsilon`` is the epsilon spent at ``delta`` over ``compositions``
+    Gaussian releases, computed by ``accountant`` for the noise multiplier
+    actually used; ``non_private=True`` marks the debugging mode (no noise, no
+    clipping, epsilon infinite: nothing may be released).
+    """
+
+    non_private: bool
+    epsilon: float
+    epsilon_target: float | None
+    delta: float | None
+    noise_multiplier: float
+    histogram_noise_multiplier: float
+    compositions: int
+    steps: int
+    accountant: str
+    neighbouring_relation: str
+    sampling_rate: float
+    batch_size: int
+    clip_quantile: float | None
+    clip_moment: float | None
+    clip_gradient: tuple[float, ...]
+    clip_gram: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class PrivateDiagnostics(NamedTuple):
+    """Per-iteration diagnostics (entry 0: initialization) and the record.
+
+    Only ``privacy`` and the clip levels are released quantities; the other
+    fields are computed from raw data for experiments.
+    """
+
+    loss: np.ndarray  # mean squared training residual
+    u_change: np.ndarray  # subspace distance between successive released U
+    relative_error: np.ndarray  # against ``truth`` (NaN without)
+    subspace_distance: np.ndarray  # against ``truth`` (NaN without)
+    clipped_fraction: np.ndarray  # users whose contribution was scaled down
+    privacy: PrivacyRecord
+
+
+class _Noise(NamedTuple):
+    z: jax.Array  # statistic noise multiplier (0: none)
+    z_histogram: jax.Array
+    clip_moment: jax.Array  # NaN: choose privately
+    clip_step: jax.Array  # (2,) for (G, H); NaN: choose privately
+
+
+# ------------------------------------------------------------- statistics
+
+
+def _masked(data: UserData):
+    X = jnp.where(data.mask[..., None], data.X, 0)
+    return X, jnp.where(data.mask, data.y, 0)
+
+
+def _moment_vectors(X, y, mask) -> jax.Array:
+    """``(c, d)`` a_i = X_i^T y_i / m_i."""
+    count = jnp.maximum(jnp.sum(mask, axis=1), 1).astype(X.dtype)
+    return jnp.einsum("cmd,cm->cd", X, y) / count[:, None]
+
+
+def moment_norms(data: UserData, chunk: int | None) -> jax.Array:
+    """``(t,)`` Frobenius norms ``||a_i a_i^T|| = ||a_i||^2``."""
+
+    def fn(args, fresh):
+        X, y, mask = args
+        a = _moment_vectors(*_masked(UserData(X, y, mask)), mask)
+        return jnp.sum(a * a, axis=1), None
+
+    return map_user_chunks(fn, tuple(data), chunk)[0]
+
+
+def moment_sum(data: UserData, weights, chunk: int | None) -> jax.Array:
+    """``(d, d)`` ``sum_i w_i a_i a_i^T``."""
+
+    def fn(args, fresh):
+        X, y, mask, w = args
+        a = _moment_vectors(*_masked(UserData(X, y, mask)), mask)
+        return None, jnp.einsum("cd,ce->de", a * (w * fresh)[:, None], a)
+
+    return map_user_chunks(fn, (*data, weights), chunk)[1]
+
+
+def user_statistics(X, y, mask, U, fit: peruser.UserFit):
+    """Per-user ``G_i = X_i^T res_i v_i^T (c, d, r)`` and ``H_i = m_i v_i v_i^T``."""
+    X = jnp.where(mask[..., None], X, 0)
+    pred = jnp.einsum("cmd,dr,cr->cm", X, U, fit.v) + sparse_predictions(
+        X, fit.support, fit.b
+    )
+    res = jnp.where(mask, y - pred, 0)
+    G = jnp.einsum("cmd,cm,cr->cdr", X, res, fit.v)
+    count = jnp.sum(mask, axis=1).astype(X.dtype)
+    H = count[:, None, None] * fit.v[:, :, None] * fit.v[:, None, :]
+    return G, H
+
+
+def _frobenius(a) -> jax.Array:
+    return jnp.sqrt(jnp.sum(a * a, axis=tuple(range(1, a.ndim))))
+
+
+def step_norms(data: UserData, U, fits: peruser.UserFit, chunk) -> jax.Array:
+    """``(t, 2)`` Frobenius norms of each user's ``(G_i, H_i)``."""
+
+    def fn(args, fresh):
+        X, y, mask, fit = args
+        G, H = user_statistics(X, y, mask, U, fit)
+        return jnp.stack([_frobenius(G), _frobenius(H)], axis=1), None
+
+    return map_user_chunks(fn, (*data, fits), chunk)[0]
+
+
+def step_sums(data: UserData, U, fits: peruser.UserFit, weights, chunk):
+    """``(sum_i w_i G_i, sum_i w_i H_i)``, shapes ``(d, r)`` and ``(r, r)``."""
+
+    def fn(args, fresh):
+        X, y, mask, fit, w = args
+        G, H = user_statistics(X, y, mask, U, fit)
+        w = w * fresh
+        return None, (jnp.einsum("cdr,c->dr", G, w), jnp.einsum("crs,c->rs", H, w))
+
+    return map_user_chunks(fn, (*data, fits, weights), chunk)[1]
+
+
+# ------------------------------------------------------------ the releases
+
+
+def _clip_level(key, norms, fixed, noise: _Noise, quantile):
+    """Fixed clip levels, or the private ``quantile`` of ``norms (t, s)`` per column."""
+    chosen = mech.private_quantile(key, norms, quantile, 2 * noise.z_histogram)
+    return jnp.where(jnp.isnan(fixed), chosen.astype(norms.dtype), fixed)
+
+
+def _private_init(data, config, key, noise, quantile, chunk, non_private: bool):
+    """Released ``U_0 (d, r)`` and the moment clip level used."""
+    norms = moment_norms(data, chunk)
+    k_hist, k_noise = jax.random.split(key)
+    clip = _clip_level(
+        k_hist, norms[:, None], noise.clip_moment[None], noise, quantile
+    )[0]
+    weights = jnp.ones_like(norms)
+    if not non_private:
+        weights = mech.clip_weights(norms[:, None], clip[None])
+    M = moment_sum(data, weights, chunk)
+    M = mech.noisy_sum(k_noise, M, clip, noise.z, symmetric=True)
+    _, vectors = jnp.linalg.eigh(M)
+    return orthonormalize(vectors[:, ::-1][:, : config.rank])[0], clip
+
+
+def _newton_direction(G, H, noise_std) -> jax.Array:
+    """``G H^-1``, H's eigenvalues floored where its noise could flip them.
+
+    The floor is the larger of 1e-6 of H's largest eigenvalue magnitude and
+    twice the typical spectral norm of H's symmetric noise, ``2 sqrt(r)
+    noise_std``: a function of released values only (post-processing).
+    """
+    lam, Q = jnp.linalg.eigh((H + H.T) / 2)
+    r = H.shape[0]
+    floor = jnp.maximum(1e-6 * jnp.max(jnp.abs(lam)), 2 * math.sqrt(r) * noise_std)
+    lam = jnp.maximum(lam, jnp.maximum(floor, jnp.finfo(H.dtype).tiny))
+    return (G @ Q / lam) @ Q.T
+
+
+def _shared_release(data, U, fits, key, noise, quantile, batch, chunk, non_private):
+    """One private shared step: ``(U_new, clips (2,), clipped_fraction)``."""
+    t = data.X.shape[0]
+    k_hist, k_G, k_H, k_batch = jax.random.split(key, 4)
+    norms = step_norms(data, U, fits, chunk)
+    clips = _clip_level(k_hist, norms, noise.clip_step, noise, quantile)
+    weights = jnp.ones((t,), U.dtype)
+    if not non_private:
+        weights = mech.clip_weights(norms, clips)
+    clipped = jnp.mean(weights < 1)
+    if batch < t:
+        chosen = jax.random.permutation(k_batch, t)[:batch]
+        weights = weights * jnp.zeros((t,), U.dtype).at[chosen].set(1)
+    G, H = step_sums(data, U, fits, weights, chunk)
+    G = mech.noisy_sum(k_G, G, clips[0], noise.z)
+    H = mech.noisy_sum(k_H, H, clips[1], noise.z, symmetric=True)
+    H_noise = 2 * noise.z * clips[1]
+    return orthonormalize(U + _newton_direction(G, H, H_noise))[0], clips, clipped
+
+
+# ----------------------------------------------------------------- the fit
+
+
+def _params(U, fits: peruser.UserFit, d: int) -> LRSParams:
+    return LRSParams(U, fits.v, SparseRows(fits.support, fits.b, d))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "quantile", "batch", "non_private", "private_init"),
+)
+def _fit(
+    data, config, key, U0, truth, noise, quantile, batch, non_private, private_init
+):
+    t, _, d = data.X.shape
+    chunk = peruser.chunk_size(data, config)
+    k_init, k_steps = jax.random.split(key)
+    if private_init:
+        U, clip_moment = _private_init(
+            data, config, k_init, noise, quantile, chunk, non_private
+        )
+    else:
+        U, clip_moment = U0, jnp.full((), jnp.nan, data.X.dtype)
+    fits = peruser.per_user_step(data, U, None, config)
+    num = jnp.sum(data.mask)
+    nan = jnp.full((), jnp.nan, U.dtype)
+
+    def record(U_old, U, fits, clips, clipped):
+        params = _params(U, fits, d)
+        have = truth is not None
+        return dict(
+            loss=jnp.sum(fits.sq_residual) / num,
+            u_change=nan if U_old is None else metrics.subspace_distance(U_old, U),
+            relative_error=metrics.relative_error(params, truth) if have else nan,
+            subspace_distance=metrics.subspace_distance(U, truth.U) if have else nan,
+            clipped_fraction=clipped,
+            clip_gradient=clips[0],
+            clip_gram=clips[1],
+        )
+
+    first = record(None, U, fits, jnp.full((2,), jnp.nan, U.dtype), nan)
+    history = jax.tree.map(
+        lambda a: jnp.zeros((config.num_iters + 1,), a.dtype).at[0].set(a), first
+    )
+
+    def body(i, carry):
+        U, fits, history = carry
+        key = jax.random.fold_in(k_steps, i)
+        U_new, clips, clipped = _shared_release(
+            data, U, fits, key, noise, quantile, batch, chunk, non_private
+        )
+        fits = peruser.per_user_step(data, U_new, fits.support, config)
+        entry = record(U, U_new, fits, clips, clipped)
+        history = jax.tree.map(lambda h, a: h.at[i + 1].set(a), history, entry)
+        return U_new, fits, history
+
+    U, fits, history = jax.lax.fori_loop(0, config.num_iters, body, (U, fits, history))
+    return _params(U, fits, d), history, clip_moment
+
+
+def _check_config(config, dp_config) -> AMHTConfig:
+    if not isinstance(config, AMHTConfig):
+        raise ValueError(
+            f"config must be an lrs.AMHTConfig; got {type(config).__name__}"
+        )
+    if not isinstance(dp_config, DPConfig):
+        raise ValueError(
+            f"dp_config must be an lrs.private.DPConfig; got {type(dp_config).__name__}"
+        )
+    if config.fresh_samples > 1:
+        raise ValueError(
+            "fresh_samples must be 0 or 1 in the private fit (sample splitting is "
+            f"not implemented there); got {config.fresh_samples}"
+        )
+    # The global rescue of the worst users makes one user's solver depend on
+    # the others' residuals: off, so every user's fit stays local.
+    return dataclasses.replace(config, rescue_fraction=0.0)
+
+
+def plan_for(config: AMHTConfig, dp_config: DPConfig, t: int) -> accounting.Plan:
+    """The releases a fit of ``t`` users under ``config`` makes."""
+    private_init = isinstance(config.init, str) and config.init == "moments"
+    return accounting.Plan(
+        steps=config.num_iters,
+        private_init=private_init,
+        moment_histogram=private_init and dp_config.clip_moment is None,
+        step_histogram=dp_config.clip_gradient is None or dp_config.clip_gram is None,
+        histogram_noise_ratio=dp_config.histogram_noise_ratio,
+        quantile_queries=mech.SEARCH_LEVELS,
+        num_users=t,
+        batch_size=batch_size(dp_config, t),
+    )
+
+
+def batch_size(dp_config: DPConfig, t: int) -> int:
+    """Users per shared step: ``round(sampling_rate * t)``, at least 1."""
+    return max(1, min(t, round(dp_config.sampling_rate * t)))
+
+
+def noise_multiplier(config: AMHTConfig, dp_config: DPConfig, t: int) -> float:
+    """The z of a fit of ``t`` users: calibrated, or the given one checked.
+
+    Raises:
+      ValueError: if a given ``noise_multiplier`` spends more than ``epsilon``.
+    """
+    plan = plan_for(config, dp_config, t)
+    name = dp_config.resolved_accountant
+    if dp_config.noise_multiplier is None:
+        return accounting.calibrate(plan, dp_config.epsilon, dp_config.delta, name)
+    z = float(dp_config.noise_multiplier)
+    spent = accounting.epsilon_spent(plan, z, dp_config.delta, name)
+    if spent > dp_config.epsilon:
+        raise ValueError(
+            f"noise_multiplier={z} cannot reach the target: over "
+            f"{plan.compositions} releases it spends epsilon={spent:.4g} > "
+            f"epsilon={dp_config.epsilon} at delta={dp_config.delta}"
+        )
+    return z
+
+
+def fit(
+    data: UserData,
+    config: AMHTConfig,
+    dp_config: DPConfig,
+    *,
+    key=None,
+    truth: LRSParams | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+):
+    """Private AMHT-LRS: user-level (epsilon, delta)-DP release of U.
+
+    Runs exactly ``config.num_iters`` shared steps (the number of releases is
+    fixed in advance). Each user's ``v_i`` and ``b_i`` are computed from the
+    released U and the user's own data only (joint DP; docs/privacy.md). The
+    global rescue of the non-private fit is off; ``u_solver``, ``cg_*`` and
+    ``rescue_fraction`` of ``config`` are not used.
+
+    Args:
+      data: the users' data.
+      config: an :class:`lrs.AMHTConfig` (rank, sparsity, num_iters, ...).
+        ``init='moments'`` is the private initialization; ``'random'`` or an
+        array (public, data-independent) release nothing.
+      dp_config: a :class:`DPConfig`.
+      key: ``jax.random`` key of the noise, the initialization and the batches
+        (default ``jax.random.key(0)``). Never reuse a key across releases of
+        the same data.
+      truth: planted parameters, to track errors in the diagnostics.
+      callback: ``callback(iteration, info)`` after the fit, once per
+        iteration with a dict of floats (the fit is one jitted program).
+
+    Returns:
+      ``(params, diagnostics)``: :class:`lrs.LRSParams` and a
+      :class:`PrivateDiagnostics` whose ``privacy`` is a :class:`PrivacyRecord`.
+    """
+    config = _check_config(config, dp_config)
+    data = check_data(data, config)
+    t, _, d = data.X.shape
+    if truth is not None:
+        check_truth(truth, t, d)
+    key = jax.random.key(0) if key is None else key
+    dtype = data.X.dtype
+    U0 = jnp.zeros((d, config.rank), dtype)
+    private_init = isinstance(config.init, str) and config.init == "moments"
+    if not isinstance(config.init, str):
+        U0 = jnp.asarray(check_init(config.init, d, config.rank, dtype))
+        U0 = orthonormalize(U0)[0]
+        config = dataclasses.replace(config, init="random")
+    elif config.init == "random":
+        U0 = orthonormalize(
+            jax.random.normal(jax.random.fold_in(key, 1), (d, config.rank), dtype)
+        )[0]
+    plan = plan_for(config, dp_config, t)
+    if dp_config.non_private:
+        z = 0.0
+    else:
+        z = noise_multiplier(config, dp_config, t)
+    z_h = z * dp_config.histogram_noise_ratio
+
+    def fixed(value):
+        return jnp.asarray(np.nan if value is None else value, dtype)
+
+    noise = _Noise(
+        jnp.asarray(z, dtype),
+        jnp.asarray(z_h, jnp.float32),
+        fixed(dp_config.clip_moment),
+        jnp.stack([fixed(dp_config.clip_gradient), fixed(dp_config.clip_gram)]),
+    )
+    params, history, clip_moment = _fit(
+        data,
+        config,
+        key,
+        U0,
+        truth,
+        noise,
+        float(dp_config.clip_quantile),
+        batch_size(dp_config, t),
+        dp_config.non_private,
+        private_init,
+    )
+    history = jax.tree.map(np.asarray, history)
+    if not np.all(np.isfinite(np.asarray(params.U))):
+        raise FitError("private fit: the released U became non-finite")
+    if dp_config.non_private:
+        spent, name = math.inf, "none (non-private debugging mode)"
+    else:
+        name = dp_config.resolved_accountant
+        spent = accounting.epsilon_spent(plan, z, dp_config.delta, name)
+    no_clip = dp_config.non_private
+    record = PrivacyRecord(
+        non_private=dp_config.non_private,
+        epsilon=spent,
+        epsilon_target=dp_config.epsilon,
+        delta=dp_config.delta,
+        noise_multiplier=z,
+        histogram_noise_multiplier=z_h,
+        compositions=0 if no_clip else plan.compositions,
+        steps=config.num_iters,
+        accountant=name,
+        neighbouring_relation="replace one user's entire data set",
+        sampling_rate=dp_config.sampling_rate,
+        batch_size=batch_size(dp_config, t),
+        clip_quantile=None if no_clip else dp_config.clip_quantile,
+        clip_moment=None if no_clip or not private_init else float(clip_moment),
+        clip_gradient=()
+        if no_clip
+        else tuple(map(float, history["clip_gradient"][1:])),
+        clip_gram=() if no_clip else tuple(map(float, history["clip_gram"][1:])),
+    )
+    diagnostics = PrivateDiagnostics(
+        loss=history["loss"],
+        u_change=history["u_change"],
+        relative_error=history["relative_error"],
+        subspace_distance=history["subspace_distance"],
+        clipped_fraction=history["clipped_fraction"],
+        privacy=record,
+    )
+    if callback is not None:
+        for i in range(config.num_iters + 1):
+            callback(i, {k: float(v[i]) for k, v in history.items()})
+    return params, diagnostics

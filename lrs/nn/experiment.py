@@ -264,6 +264,8 @@ def run_setting(args, model, kind, m, key) -> dict:
         lr_sparse=args.lr_sparse,
     )
     cold = dataclasses.replace(config, steps=args.cold_steps)
+    T.warm_up_sampler(task.train, config)  # compile the batch samplers for this m
+    T.warm_up_sampler(task.new_train, cold)  # outside every method's timing
     glob = A.GlobalModel(model, layers)
     pre = T.train(
         k_pre,
@@ -336,6 +338,25 @@ def claim_check(setting: dict, tol: float = 0.005) -> dict:
     return out
 
 
+def markdown_table(results: dict) -> str:
+    """One row per (kind, m, method): accuracy/loss of trained and new users."""
+    lines = [
+        "| teacher | m | method | B/user | trained acc | trained loss | new acc "
+        "| new loss | train s | cold s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in results["settings"]:
+        for r in s["rows"]:
+            t, n = r["trained_users"], r["new_users"]
+            lines.append(
+                f"| {s['kind']} | {s['samples_per_user']} | {r['method']} | "
+                f"{r['per_user_bytes']} | {t['accuracy']:.3f} | {t['loss']:.3f} | "
+                f"{n['accuracy']:.3f} | {n['loss']:.3f} | {r['train_seconds']:.1f} | "
+                f"{r['cold_start_seconds']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def run(args) -> dict:
     """Runs every setting and writes the JSON (and plot) under ``args.out``."""
     import jax
@@ -350,7 +371,7 @@ def run(args) -> dict:
     model = TransformerConfig(
         d_model=args.d_model, num_heads=4, num_layers=args.layers, d_ff=2 * args.d_model
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     settings = []
     keys = jax.random.split(jax.random.key(args.seed), len(args.kinds))
     for kind, k in zip(args.kinds, keys):
@@ -366,6 +387,7 @@ def run(args) -> dict:
         model=dataclasses.asdict(model),
         settings=settings,
         total_seconds=time.perf_counter() - start,
+        total_cpu_seconds=time.process_time() - cpu,
     )
     path = out / RESULTS_NAME
     path.write_text(json.dumps(results, indent=2) + "\n")

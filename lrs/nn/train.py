@@ -193,6 +193,14 @@ def _sample(key, tokens, labels, steps, G, s):
     return jax.vmap(one)(jax.random.split(key, steps))
 
 
+def warm_up_sampler(data, config: TrainConfig) -> None:
+    """Compiles the batch sampler for ``data = (tokens, labels)`` (timing aid)."""
+    n, m = data[1].shape
+    size = config.steps // _chunks(config.steps, config.progress_updates)
+    G, s = min(config.users_per_batch, n), min(config.samples_per_user, m)
+    jax.block_until_ready(_sample(jax.random.key(0), *data, size, G, s))
+
+
 def _chunks(steps, most):
     """The largest divisor of ``steps`` that is <= ``most``: equal jitted chunks."""
     return max(c for c in range(1, min(steps, most) + 1) if steps % c == 0)

@@ -71,7 +71,10 @@ def plot(record, path: str) -> None:
         key = (cv["r"], cv["k"])
         color = colors.setdefault(key, f"C{len(colors)}")
         first = sum(1 for other in record["curves"] if (other["r"], other["k"]) == key)
-        label = f"r={key[0]}, k={key[1]}: rate {cv['rate']:.2f}"
+        rate = cv["rate"]
+        label = f"r={key[0]}, k={key[1]}: " + (
+            f"rate {rate:.2f}" if rate == rate else "no linear phase"
+        )
         ax.semilogy(
             cv["relative_error"],
             "o-",

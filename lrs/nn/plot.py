@@ -61,6 +61,8 @@ def plot_results(results: dict, path) -> Path:
             ]
             ax.plot(ms, acc, "o-", color=colors[method], label=method)
         ax.set_xscale("log")
+        ax.set_xticks(ms, [str(v) for v in ms])
+        ax.minorticks_off()
         ax.set_xlabel("samples per user m")
         ax.set_ylabel("new users' test accuracy")
         ax.set_title(f"{kind} teacher: cold start vs m")

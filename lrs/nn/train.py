@@ -62,7 +62,7 @@ class TrainConfig:
     users_per_batch: int = 64
     samples_per_user: int = 5
     lr: float = 3e-3
-    lr_user: float = 3e-2
+    lr_user: float = 0.1
     lr_sparse: float = 0.3
     progress_updates: int = 10
 

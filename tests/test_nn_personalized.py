@@ -86,6 +86,10 @@ def test_unseen_user_ids(setup):
         personalized.personalized_apply(
             base, U, users, np.array([0, 1, 2]), tokens, MODEL, CONFIG
         )
+    with pytest.raises(ValueError, match=r"tokens must be ids in \[0, 7\)"):
+        personalized.personalized_apply(
+            base, U, users, ids, tokens + MODEL.vocab, MODEL, CONFIG, unseen="global"
+        )
 
 
 def test_projection_keeps_exactly_k_nonzeros():

@@ -102,5 +102,15 @@ def test_bad_arguments_raise():
             TrainConfig(),
             phase="both",
         )
+    with pytest.raises(ValueError, match="labels must be integer classes"):
+        train(
+            jax.random.key(0),
+            ADAPTER,
+            MODEL,
+            params,
+            tokens,
+            tokens[..., 0] + MODEL.num_classes,
+            TrainConfig(),
+        )
     with pytest.raises(ValueError, match="labels"):
         train(jax.random.key(0), ADAPTER, MODEL, params, tokens, tokens, TrainConfig())

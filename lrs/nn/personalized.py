@@ -187,7 +187,21 @@ def personalized_apply(
             f"tokens must have shape (B, T) with B = len(user_ids) = {ids.shape[0]}; "
             f"got {tokens.shape}"
         )
+    _check_tokens(tokens, model)
     return _personalized_apply(base, U, users, ids, tokens, model, config)
+
+
+def _check_tokens(tokens, model: TransformerConfig) -> None:
+    """Integer token ids in ``[0, vocab)`` and at most ``seq_len`` per sequence."""
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids; got dtype {tokens.dtype}")
+    if tokens.shape[-1] > model.seq_len:
+        raise ValueError(
+            f"tokens must have at most seq_len = {model.seq_len} positions; "
+            f"got {tokens.shape[-1]}"
+        )
+    if tokens.size and not (0 <= int(tokens.min()) and int(tokens.max()) < model.vocab):
+        raise ValueError(f"tokens must be ids in [0, {model.vocab})")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))

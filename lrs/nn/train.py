@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from lrs.nn.model import TransformerConfig, apply
+from lrs.nn.personalized import _check_tokens
 
 __all__ = [
     "TrainConfig",
@@ -213,8 +214,12 @@ def _check_data(tokens, labels, model):
             "tokens must be (n, m, T) and labels (n, m); got "
             f"{tokens.shape} and {labels.shape}"
         )
-    if tokens.shape[2] > model.seq_len:
-        raise ValueError(f"tokens are longer than seq_len = {model.seq_len}")
+    _check_tokens(tokens, model)
+    if not jnp.issubdtype(labels.dtype, jnp.integer) or (
+        labels.size
+        and not 0 <= int(labels.min()) <= int(labels.max()) < model.num_classes
+    ):
+        raise ValueError(f"labels must be integer classes in [0, {model.num_classes})")
     return tokens, labels
 
 

@@ -8,9 +8,9 @@
 
 CPU: time per iteration and data-pass units for t in {1e3, 1e4, 1e5} at d=100,
 m=40, r=5, k=5 and for d in {100, 300, 1000} at t=1e4 (float32), and the
-fitted exponents of time in t and in d. Time per iteration is
-(fit with n iterations - fit with 0 iterations) / n, both timed after
-compilation, interleaved with data passes (X_i^T (X_i w_i) for all users, as in
+fitted exponents of time in t and in d. Time per iteration is the median
+interval between the fit's callbacks (iterations 1..n, after compilation),
+the fits interleaved with data passes (X_i^T (X_i w_i) for all users, as in
 bench_core.py) so machine load hits both alike. Writes ``bench_scale.json``.
 """
 
@@ -50,37 +50,48 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def time_per_iteration(data, sizes, iters: int, rounds: int, fit=lrs.fit) -> dict:
-    """Seconds per iteration and per data pass, measured interleaved."""
-    kw = dict(rank=sizes["r"], sparsity=sizes["k"], tol=0.0)
-    full = lrs.AMHTConfig(num_iters=iters, **kw)
-    empty = lrs.AMHTConfig(num_iters=0, **kw)
-    W = jnp.ones((data.num_users, data.dim), data.X.dtype)
+def time_per_iteration(
+    data, sizes, iters: int, rounds: int, fit=lrs.fit, data_pass: bool = True
+) -> dict:
+    """Seconds per iteration and per data pass, measured interleaved.
+
+    An iteration's time is the interval between successive ``callback`` calls
+    of one fit (iterations 1..iters; iteration 0 includes the initialization),
+    so compilation, input checks and the initialization are left out.
+    """
+    config = lrs.AMHTConfig(
+        rank=sizes["r"], sparsity=sizes["k"], num_iters=iters, tol=0.0
+    )
+    W = jnp.ones((data.num_users if data_pass else 1, data.dim), data.X.dtype)
 
     def one_pass():
+        if not data_pass:  # host data (streamed): no device-resident pass
+            return W
         return bench_core._data_pass(data.X, W)
 
-    compile_s = _seconds(lambda: fit(data, full)[0]) + _seconds(
-        lambda: fit(data, empty)[0]
-    )
+    def timed_fit():
+        stamps = [time.perf_counter()]
+        fit(data, config, callback=lambda i, info: stamps.append(time.perf_counter()))
+        return np.diff(stamps)  # [init + iteration 0, iteration 1, ...]
+
+    first_call = _seconds(lambda: timed_fit())
     _seconds(one_pass)
-    fulls, empties, passes = [], [], []
+    intervals, passes = [], []
     for _ in range(rounds):
-        fulls.append(_seconds(lambda: fit(data, full)[0]))
-        empties.append(_seconds(lambda: fit(data, empty)[0]))
+        intervals.append(timed_fit().tolist())
         passes += [_seconds(one_pass) for _ in range(3)]
-    per_iter = (np.median(fulls) - np.median(empties)) / iters
-    unit = float(np.median(passes))
+    per_iter = float(np.median([x for row in intervals for x in row[1:]]))
+    unit = float(np.median(passes)) if data_pass else float("nan")
     return dict(
         sizes=sizes,
         iters=iters,
         rounds=rounds,
-        seconds_per_iteration=float(per_iter),
+        seconds_per_iteration=per_iter,
         data_pass_seconds=unit,
-        units_per_iteration=float(per_iter / unit),
-        fit_seconds=[float(s) for s in fulls],
-        init_seconds=[float(s) for s in empties],
-        first_calls_seconds=float(compile_s),
+        units_per_iteration=per_iter / unit,
+        iteration_seconds=intervals,
+        data_pass_samples=passes,
+        first_call_seconds=float(first_call),
         data_bytes=int(data.X.nbytes + data.y.nbytes + data.mask.nbytes),
     )
 
@@ -101,7 +112,7 @@ def run_cpu(t_sweep, d_sweep, base, iters, rounds, seed) -> dict:
                 jax.random.key(seed), **sizes, dtype="float32"
             )
             # Fewer rounds for the largest problems (each fit takes seconds).
-            n_rounds = max(1, rounds // 2) if sizes["t"] * sizes["d"] >= 1e7 else rounds
+            n_rounds = max(1, rounds - 1) if sizes["t"] * sizes["d"] >= 1e7 else rounds
             points[name] = time_per_iteration(data, sizes, iters, n_rounds)
             del data
             print(f"  {name}: {points[name]}", flush=True)
@@ -182,10 +193,10 @@ def largest_stream(sizes, t_values, chunk_bytes: int, seed: int) -> list[dict]:
         data = host_problem(s, seed)
         chunk = max(1, chunk_bytes // (s["m"] * s["d"] * 4))
 
-        def fit(data, config, chunk=chunk):
-            return lrs.fit_streamed(data, config, chunk_users=chunk)
+        def fit(data, config, chunk=chunk, **kw):
+            return lrs.fit_streamed(data, config, chunk_users=chunk, **kw)
 
-        row = time_per_iteration(data, s, iters=1, rounds=1, fit=fit)
+        row = time_per_iteration(data, s, iters=2, rounds=1, fit=fit, data_pass=False)
         row.update(t=int(t), chunk_users=chunk)
         rows.append(row)
         print(f"  streamed t={t}: {row['seconds_per_iteration']:.2f} s/iteration")
@@ -212,8 +223,8 @@ def run_stream_cpu(sizes, chunks, iters, rounds, seed) -> dict:
     host = lrs.UserData.from_host(*(np.asarray(a) for a in data))
     for chunk in chunks:
 
-        def fit(data, config, chunk=chunk):
-            return lrs.fit_streamed(host, config, chunk_users=chunk)
+        def fit(data, config, chunk=chunk, **kw):
+            return lrs.fit_streamed(host, config, chunk_users=chunk, **kw)
 
         row = time_per_iteration(data, sizes, iters, rounds, fit=fit)
         rows.append(dict(row, chunk_users=chunk))

@@ -72,7 +72,12 @@ def success_curve(p, *, r, k, t, seeds, methods, desc):
     hits = {name: np.zeros(len(ms)) for name in methods}
     for s in range(seeds):
         data, truth = lrs.synthetic.make_problem(
-            jax.random.key(1000 * s + 7 * r + k), d=p["d"], t=t, m=max(ms), r=r, k=k
+            jax.random.key(p["seed"] + 1000 * s + 7 * r + k),
+            d=p["d"],
+            t=t,
+            m=max(ms),
+            r=r,
+            k=k,
         )
         for name, fit in _fits(r, k, truth.U, methods).items():
             for j, m in enumerate(c.progress(ms, f"{desc} {name} seed {s}")):
@@ -149,11 +154,12 @@ def gap_vs_t(p, seeds):
 
 def run(args) -> dict:
     start = c.setup(args)
-    p = dict(QUICK if args.quick else FULL)
+    p = dict(QUICK if args.quick else FULL) | dict(seed=args.seed)
     seeds = args.seeds or p["seeds"]
     record = dict(
         experiment="phase_transition", params=p, seeds=seeds, threshold=THRESHOLD
     )
+    record["seed_rule"] = "data key = seed + 1000 * (seed index) + 7 r + k"
     record["mk"] = phase_map(p, seeds, "k")
     record["mr"] = phase_map(p, seeds, "r")
     record["gap"] = gap_vs_t(p, seeds)

@@ -63,7 +63,7 @@ def _pursue_chunk(X, y, mask, support, U, scale, half, steps, config):
         support = peruser.cold_supports(data, U, config)
     fits = peruser.pursue_masked(*data, support, U, steps, config.ridge)
     y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2, axis=1)
-    return fits, y_sq
+    return fits, y_sq, jnp.sum(data.mask, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -310,8 +310,9 @@ def _per_user_step(stream, state: _HostState, U, scale, config, steps, cold: boo
     for rows, (X, y, mask, *warm) in stream.chunks(*(() if cold else (state.indices,))):
         _drain(pending, targets)  # the previous chunk, while this one computes
         support = None if cold else warm[0]
-        fits, y_sq = _pursue_chunk(X, y, mask, support, U, scale, half, steps, config)
-        counts = jnp.sum(amht._batch_mask(UserData(X, y, mask), config, half), axis=1)
+        fits, y_sq, counts = _pursue_chunk(
+            X, y, mask, support, U, scale, half, steps, config
+        )
         pending = (rows, _rows_count(rows), (*fits, y_sq, counts))
     _drain(pending, targets)
     n = peruser.rescue_count(stream.t, config)

@@ -113,9 +113,7 @@ def split_samples(data: lrs.UserData, m_train: int, m: int | None = None):
 
 def mse(params: lrs.LRSParams, data: lrs.UserData) -> float:
     """Mean squared prediction error over the real samples of ``data``."""
-    pred = jnp.einsum("tmd,td->tm", data.X, lrs.weights(params))
-    res = jnp.where(data.mask, pred - data.y, 0)
-    return float(jnp.sum(res * res) / jnp.sum(data.mask))
+    return float(lrs.metrics.mean_squared_error(params, data))
 
 
 def fitters(r: int, k: int, *, U=None, convex_steps: int = 200, grid=None):

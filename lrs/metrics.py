@@ -9,6 +9,7 @@ from lrs.linalg import subspace_distance
 from lrs.params import LRSParams, weights
 
 __all__ = [
+    "mean_squared_error",
     "per_user_error",
     "relative_error",
     "subspace_distance",
@@ -47,3 +48,10 @@ def user_supports_correct(params: LRSParams, truth: LRSParams) -> jax.Array:
 def support_recovery(params: LRSParams, truth: LRSParams) -> jax.Array:
     """Fraction of users whose support is exactly right."""
     return jnp.mean(user_supports_correct(params, truth))
+
+
+def mean_squared_error(params: LRSParams, data) -> jax.Array:
+    """Mean squared prediction error over the real samples of ``data`` (UserData)."""
+    pred = jnp.einsum("tmd,td->tm", data.X, weights(params))
+    res = jnp.where(data.mask, pred - data.y, 0)
+    return jnp.sum(res * res) / jnp.sum(data.mask)

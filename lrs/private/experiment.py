@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import lrs
@@ -72,9 +71,7 @@ def _problem(setting: Setting, t: int, seed: int):
 
 def test_mse(params: lrs.LRSParams, test: lrs.UserData) -> float:
     """Mean squared prediction error over the real samples of ``test``."""
-    pred = jnp.einsum("tmd,td->tm", test.X, lrs.weights(params))
-    res = jnp.where(test.mask, pred - test.y, 0)
-    return float(jnp.sum(res * res) / jnp.sum(test.mask))
+    return float(lrs.metrics.mean_squared_error(params, test))
 
 
 def _evaluate(params, test, truth, seconds) -> dict:

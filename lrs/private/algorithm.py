@@ -80,7 +80,9 @@ class PrivateDiagnostics(NamedTuple):
     privacy: PrivacyRecord
 
 
-class _Noise(NamedTuple):
+class NoiseLevels(NamedTuple):
+    """The noise and clip levels of a fit (traced arguments of the jitted fit)."""
+
     z: jax.Array  # statistic noise multiplier (0: none)
     z_histogram: jax.Array
     clip_moment: jax.Array  # NaN: choose privately
@@ -166,7 +168,7 @@ def step_sums(data: UserData, U, fits: peruser.UserFit, weights, chunk):
 # ------------------------------------------------------------ the releases
 
 
-def _clip_level(key, norms, fixed, noise: _Noise, quantile):
+def _clip_level(key, norms, fixed, noise: NoiseLevels, quantile):
     """Fixed clip levels, or the private ``quantile`` of ``norms (t, s)`` per column."""
     chosen = mech.private_quantile(key, norms, quantile, 2 * noise.z_histogram)
     return jnp.where(jnp.isnan(fixed), chosen.astype(norms.dtype), fixed)
@@ -202,8 +204,16 @@ def _newton_direction(G, H, noise_std) -> jax.Array:
     return (G @ Q / lam) @ Q.T
 
 
-def _shared_release(data, U, fits, key, noise, quantile, batch, chunk, non_private):
-    """One private shared step: ``(U_new, clips (2,), clipped_fraction)``."""
+def noisy_step_statistics(
+    data, U, fits, key, noise, quantile, batch, chunk, non_private
+):
+    """The Gaussian release of one shared step, before post-processing.
+
+    Returns ``(G (d, r), H (r, r), clips (2,), clipped_fraction)``: the noisy
+    clipped sums of ``G_i`` and ``H_i`` and the clip levels used. Only
+    ``clipped_fraction`` is not released. :mod:`lrs.audit` audits this
+    function on its own.
+    """
     t = data.X.shape[0]
     k_hist, k_G, k_H, k_batch = jax.random.split(key, 4)
     norms = step_norms(data, U, fits, chunk)
@@ -218,6 +228,14 @@ def _shared_release(data, U, fits, key, noise, quantile, batch, chunk, non_priva
     G, H = step_sums(data, U, fits, weights, chunk)
     G = mech.noisy_sum(k_G, G, clips[0], noise.z)
     H = mech.noisy_sum(k_H, H, clips[1], noise.z, symmetric=True)
+    return G, H, clips, clipped
+
+
+def _shared_release(data, U, fits, key, noise, quantile, batch, chunk, non_private):
+    """One private shared step: ``(U_new, clips (2,), clipped_fraction)``."""
+    G, H, clips, clipped = noisy_step_statistics(
+        data, U, fits, key, noise, quantile, batch, chunk, non_private
+    )
     H_noise = 2 * noise.z * clips[1]
     return orthonormalize(U + _newton_direction(G, H, H_noise))[0], clips, clipped
 
@@ -342,6 +360,91 @@ def noise_multiplier(config: AMHTConfig, dp_config: DPConfig, t: int) -> float:
     return z
 
 
+class Prepared(NamedTuple):
+    """A checked, calibrated fit: everything but the data and the key.
+
+    Built by :func:`prepare`; :func:`run_prepared` runs it. ``noise`` may be
+    replaced (e.g. by :mod:`lrs.audit`'s deliberately broken variants) without
+    changing ``plan`` or ``z``, the claim.
+    """
+
+    config: AMHTConfig
+    plan: accounting.Plan
+    z: float  # the calibrated noise multiplier (the claim's)
+    noise: NoiseLevels  # the noise actually added
+    quantile: float
+    batch: int
+    non_private: bool
+    private_init: bool
+    init_U: jax.Array | None  # a given initial U (``config.init`` an array)
+
+
+def prepare(data: UserData, config: AMHTConfig, dp_config: DPConfig):
+    """Checks the arguments and calibrates the noise: ``(Prepared, data)``."""
+    config = _check_config(config, dp_config)
+    data = check_data(data, config)
+    t, _, d = data.X.shape
+    dtype = data.X.dtype
+    init_U = None
+    private_init = isinstance(config.init, str) and config.init == "moments"
+    if not isinstance(config.init, str):
+        init_U = jnp.asarray(check_init(config.init, d, config.rank, dtype))
+        init_U = orthonormalize(init_U)[0]
+        config = dataclasses.replace(config, init="random")
+    plan = plan_for(config, dp_config, t)
+    z = 0.0 if dp_config.non_private else noise_multiplier(config, dp_config, t)
+
+    def fixed(value):
+        return jnp.asarray(np.nan if value is None else value, dtype)
+
+    noise = NoiseLevels(
+        jnp.asarray(z, dtype),
+        jnp.asarray(z * dp_config.histogram_noise_ratio, jnp.float32),
+        fixed(dp_config.clip_moment),
+        jnp.stack([fixed(dp_config.clip_gradient), fixed(dp_config.clip_gram)]),
+    )
+    prepared = Prepared(
+        config=config,
+        plan=plan,
+        z=z,
+        noise=noise,
+        quantile=float(dp_config.clip_quantile),
+        batch=batch_size(dp_config, t),
+        non_private=dp_config.non_private,
+        private_init=private_init,
+        init_U=init_U,
+    )
+    return prepared, data
+
+
+def run_prepared(data: UserData, prepared: Prepared, key, truth=None):
+    """The jitted fit of :func:`prepare`'d arguments (traceable in ``key``).
+
+    Returns ``(params, history, clip_moment)``.
+    """
+    _, _, d = data.X.shape
+    config, dtype = prepared.config, data.X.dtype
+    if prepared.init_U is not None:
+        U0 = prepared.init_U
+    elif config.init == "random":
+        U0 = jax.random.normal(jax.random.fold_in(key, 1), (d, config.rank), dtype)
+        U0 = orthonormalize(U0)[0]
+    else:
+        U0 = jnp.zeros((d, config.rank), dtype)
+    return _fit(
+        data,
+        config,
+        key,
+        U0,
+        truth,
+        prepared.noise,
+        prepared.quantile,
+        prepared.batch,
+        prepared.non_private,
+        prepared.private_init,
+    )
+
+
 def fit(
     data: UserData,
     config: AMHTConfig,
@@ -376,51 +479,15 @@ def fit(
       ``(params, diagnostics)``: :class:`lrs.LRSParams` and a
       :class:`PrivateDiagnostics` whose ``privacy`` is a :class:`PrivacyRecord`.
     """
-    config = _check_config(config, dp_config)
-    data = check_data(data, config)
+    prepared, data = prepare(data, config, dp_config)
     t, _, d = data.X.shape
     if truth is not None:
         check_truth(truth, t, d)
     key = jax.random.key(0) if key is None else key
-    dtype = data.X.dtype
-    U0 = jnp.zeros((d, config.rank), dtype)
-    private_init = isinstance(config.init, str) and config.init == "moments"
-    if not isinstance(config.init, str):
-        U0 = jnp.asarray(check_init(config.init, d, config.rank, dtype))
-        U0 = orthonormalize(U0)[0]
-        config = dataclasses.replace(config, init="random")
-    elif config.init == "random":
-        U0 = orthonormalize(
-            jax.random.normal(jax.random.fold_in(key, 1), (d, config.rank), dtype)
-        )[0]
-    plan = plan_for(config, dp_config, t)
-    if dp_config.non_private:
-        z = 0.0
-    else:
-        z = noise_multiplier(config, dp_config, t)
+    params, history, clip_moment = run_prepared(data, prepared, key, truth)
+    config, plan, z = prepared.config, prepared.plan, prepared.z
     z_h = z * dp_config.histogram_noise_ratio
-
-    def fixed(value):
-        return jnp.asarray(np.nan if value is None else value, dtype)
-
-    noise = _Noise(
-        jnp.asarray(z, dtype),
-        jnp.asarray(z_h, jnp.float32),
-        fixed(dp_config.clip_moment),
-        jnp.stack([fixed(dp_config.clip_gradient), fixed(dp_config.clip_gram)]),
-    )
-    params, history, clip_moment = _fit(
-        data,
-        config,
-        key,
-        U0,
-        truth,
-        noise,
-        float(dp_config.clip_quantile),
-        batch_size(dp_config, t),
-        dp_config.non_private,
-        private_init,
-    )
+    private_init = prepared.private_init
     history = jax.tree.map(np.asarray, history)
     if not np.all(np.isfinite(np.asarray(params.U))):
         raise FitError("private fit: the released U became non-finite")

@@ -1,0 +1,20 @@
+"""Privacy audit of private AMHT-LRS: lower bounds on epsilon from canaries.
+
+See docs/privacy.md, section "Audit".
+"""
+
+from lrs.audit.bounds import EpsilonBound, clopper_pearson, epsilon_lower_bound
+from lrs.audit.canary import AuditProblem, Neighbours, neighbouring_datasets
+from lrs.audit.run import AuditConfig, AuditResult, audit
+
+__all__ = [
+    "AuditConfig",
+    "AuditProblem",
+    "AuditResult",
+    "EpsilonBound",
+    "Neighbours",
+    "audit",
+    "clopper_pearson",
+    "epsilon_lower_bound",
+    "neighbouring_datasets",
+]

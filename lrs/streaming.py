@@ -4,7 +4,8 @@ The users are streamed to the device in chunks of ``chunk_users`` for every
 pass over the data; the next chunk is copied while the current one computes.
 The iteration is :func:`lrs.amht.fit`'s, driven from Python: each per-chunk
 computation is a jitted call of the same per-user and shared functions
-(``peruser.pursue_masked`` / ``rescue_masked``, ``shared._rhs`` /
+(``peruser.pursue_masked``, the two candidates of ``peruser.rescue`` as two
+programs, ``shared._rhs`` /
 ``normal_operator`` / ``moment_matrix``), the CG loop of the U step is
 ``shared.solve_U_cg`` with a Python while loop, and the global selections
 (median score, worst users) run on the host. Per-user state (``V``, supports,
@@ -66,10 +67,32 @@ def _pursue_chunk(X, y, mask, support, U, scale, half, steps, config):
     return fits, y_sq, jnp.sum(data.mask, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _rescue_chunk(X, y, mask, U, current, scale, half, config):
-    data = _scaled(X, y, mask, scale, half, config)
-    return peruser.rescue_masked(*data, U, current, config)
+@functools.partial(jax.jit, static_argnames=("config", "start"))
+def _rescue_chunk(X, y, mask, U, best, scale, half, config, start):
+    """One candidate of :func:`lrs.peruser.rescue` on a chunk of hard users.
+
+    ``start`` is ``"cold"`` or ``"l1"``: that candidate's supports, polished by
+    pursuit, replace the rows of ``best`` that they fit better. Called once
+    per candidate, cold first, the l1 call taking the cold call's result, this
+    gives ``rescue_masked``'s result, but each program holds a single chain of
+    batched LAPACK calls. ``rescue`` runs both candidates in one program, where
+    XLA:CPU runs the two chains at once; with large batches both LAPACK kernels
+    then split their batch over XLA's intra-op pool and block waiting for it,
+    which deadlocks once every pool thread waits so (docs/scale.md).
+    """
+    X, y = peruser._masked(*_scaled(X, y, mask, scale, half, config))
+    A, k, ridge = X @ U, config.sparsity, config.ridge
+    if start == "cold":
+        support = jax.vmap(peruser.cold_support, (0, 0, 0, None, None))(
+            A, X, y, k, ridge
+        )
+    else:
+        support = jax.vmap(peruser.l1_support, (0, 0, 0, None, None))(
+            A, X, y, k, config.l1_steps
+        )
+    fit = peruser.pursue(A, X, y, support, config.inner_steps + 2, ridge)
+    better = fit.sq_residual < best.sq_residual
+    return jax.tree.map(lambda a, b: peruser._where_rows(better, a, b), fit, best)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -321,13 +344,15 @@ def _per_user_step(stream, state: _HostState, U, scale, config, steps, cold: boo
     if n == 0 or not score.max() > floor:
         return
     worst = np.sort(np.argsort(-score, kind="stable")[:n])  # lax.top_k's choice
+    starts = ("cold", "l1") if config.l1_steps > 0 else ("cold",)
+    rescue = _Stream(stream.data, min(stream.c, n))  # no padding past n users
     pending = None
-    for rows, (X, y, mask, *current) in stream.chunks(*state.fits(), users=worst):
+    for rows, (X, y, mask, *current) in rescue.chunks(*state.fits(), users=worst):
         _drain(pending, state.fits())
-        better = _rescue_chunk(
-            X, y, mask, U, peruser.UserFit(*current), scale, half, config
-        )
-        pending = (rows, len(rows), better)
+        best = peruser.UserFit(*current)
+        for start in starts:  # one after the other: see _rescue_chunk
+            best = _rescue_chunk(X, y, mask, U, best, scale, half, config, start)
+        pending = (rows, len(rows), best)
     _drain(pending, state.fits())
 
 

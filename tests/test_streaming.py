@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lrs
-from lrs import streaming
+from lrs import streaming, validation
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
@@ -117,3 +117,48 @@ def test_from_host_checks_shapes_and_dtypes():
         lrs.UserData.from_host(X, y, np.ones((4, 3)))
     with pytest.raises(ValueError, match="X must be a numpy array"):
         lrs.UserData.from_host(list(X), y)
+
+
+def _memmap_with_nan(data, path, user):
+    """``data.X`` written to a raw float64 file with a NaN in ``user``'s rows."""
+    X = np.memmap(path, np.float64, "w+", shape=data.X.shape)
+    X[:] = np.asarray(data.X)
+    X[user, 5, 7] = np.nan
+    X.flush()
+    del X
+    return np.memmap(path, np.float64, "r+", shape=data.X.shape)  # writable
+
+
+def test_streamed_fit_rejects_a_nan_in_a_memory_mapped_file(problem, tmp_path):
+    data, _ = problem
+    path = tmp_path / "X.f64"
+    X = _memmap_with_nan(data, path, user=13)
+    before = path.read_bytes()
+    host = lrs.UserData.from_host(X, np.array(data.y))
+    with pytest.raises(ValueError, match="data.X contains NaN or inf"):
+        lrs.fit_streamed(host, CONFIG, chunk_users=4)
+    del host, X
+    assert path.read_bytes() == before  # the input file is not modified
+
+
+def test_check_data_reads_a_memory_mapped_X_a_block_of_users_at_a_time(
+    problem, tmp_path, monkeypatch
+):
+    data, _ = problem
+    X = _memmap_with_nan(data, tmp_path / "X.f64", user=19)  # the last user
+    user_bytes = X[0].nbytes
+    monkeypatch.setattr(validation, "CHECK_BLOCK_BYTES", 3 * user_bytes)
+    blocks = []
+    isfinite = np.isfinite
+    monkeypatch.setattr(np, "isfinite", lambda a: blocks.append(a.shape) or isfinite(a))
+    host = lrs.UserData.from_host(X, np.array(data.y))
+    with pytest.raises(ValueError, match="data.X contains NaN or inf"):
+        validation.check_data(host, CONFIG)
+    # 20 users, 3 at a time: 7 blocks, none larger than 3 users.
+    assert [b[0] for b in blocks] == [3] * 6 + [2]
+    assert all(b[1:] == X.shape[1:] for b in blocks)
+    blocks.clear()
+    X[19, 5, 7] = 0.0
+    out = validation.check_data(host, CONFIG)
+    assert np.shares_memory(out.X, X)  # checked in place, not copied
+    assert len(blocks) == 7 + 1  # X in 7 blocks, y (20 x 12) in one

@@ -31,8 +31,8 @@ def check_data(data, config: AMHTConfig, *, name: str = "data") -> UserData:
         )
     if mask.dtype != bool:
         raise ValueError(f"{name}.mask must be boolean; got {mask.dtype}")
-    _check_finite(X, f"{name}.X")
-    _check_finite(y, f"{name}.y")
+    _check_finite_by_rows(X, f"{name}.X")
+    _check_finite_by_rows(y, f"{name}.y")
     if not config.rank < d:
         raise ValueError(f"rank must be < d = {d}; got {config.rank}")
     if not config.sparsity < d:
@@ -51,6 +51,28 @@ def check_data(data, config: AMHTConfig, *, name: str = "data") -> UserData:
         )
     y = y.astype(X.dtype) if y.dtype != X.dtype else y
     return UserData(X, y, mask)
+
+
+# Bytes of a host array checked at a time by _check_finite_by_rows.
+CHECK_BLOCK_BYTES = 64 * 2**20
+
+
+def _check_finite_by_rows(a, name: str) -> None:
+    """:func:`lrs.data._check_finite`, a block of users at a time for host arrays.
+
+    A numpy array (e.g. ``np.load(path, mmap_mode="r")``) is read in blocks of
+    leading-axis rows of about ``CHECK_BLOCK_BYTES``, so a memory-mapped array
+    is never loaded whole and the temporaries stay bounded; the check stops at
+    the first block with a non-finite value. JAX arrays are checked at once.
+    """
+    if isinstance(a, jax.Array) or a.ndim == 0 or a.size == 0:
+        _check_finite(a, name)
+        return
+    row_bytes = max(1, a.itemsize * (a.size // a.shape[0]))
+    step = max(1, CHECK_BLOCK_BYTES // row_bytes)
+    for start in range(0, a.shape[0], step):
+        if not np.isfinite(a[start : start + step]).all():
+            raise ValueError(f"{name} contains NaN or inf values")
 
 
 def check_init(init, d: int, rank: int, dtype) -> np.ndarray:

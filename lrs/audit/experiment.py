@@ -36,7 +36,7 @@ class Setting:
     fit_trials: int = 3_000
     fit_users: int = 400
     fit_iters: int = 2
-    control_trials: int = 100_000
+    control_trials: int = 1_000_000
     control_epsilon: float = 4.0
 
 
@@ -44,6 +44,7 @@ QUICK = Setting(
     step_trials=20_000,
     fit_trials=200,
     fit_users=50,
+    control_trials=100_000,
 )
 
 

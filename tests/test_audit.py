@@ -247,3 +247,28 @@ def test_experiment_writes_json_plot_and_a_verdict(tmp_path):
     assert kinds.count("step, crafted canary") == 2 and len(kinds) == 7
     text = experiment.summary(results)
     assert "broken control is flagged" in text, text
+
+
+def test_cli_audit_refuses_a_bad_seed_and_documents_itself():
+    import os
+    import subprocess
+    import sys
+
+    from lrs._xla import DEADLOCK_FLAG
+
+    env = dict(os.environ, XLA_FLAGS=DEADLOCK_FLAG, JAX_PLATFORMS="cpu")
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "lrs.cli", "audit", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    bad = run("--seed", "-1")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "seed" in bad.stderr.strip().splitlines()[-1]
+    helped = run("--help")
+    assert helped.returncode == 0 and "Clopper-Pearson" in helped.stdout

@@ -19,17 +19,20 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from lrs import metrics, peruser
+from lrs import metrics, peruser, sharding
 from lrs.chunking import map_user_chunks
 from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.errors import FitError
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows
+from lrs.params import weights as dense_weights
 from lrs.private import accounting
 from lrs.private import mechanism as mech
 from lrs.private.config import DPConfig
+from lrs.sharding import UserAxis, first_user, psum
 from lrs.shared import sparse_predictions
 from lrs.validation import check_data, check_init, check_truth
 
@@ -114,15 +117,15 @@ def moment_norms(data: UserData, chunk: int | None) -> jax.Array:
     return map_user_chunks(fn, tuple(data), chunk)[0]
 
 
-def moment_sum(data: UserData, weights, chunk: int | None) -> jax.Array:
-    """``(d, d)`` ``sum_i w_i a_i a_i^T``."""
+def moment_sum(data: UserData, weights, chunk: int | None, *, axis=None) -> jax.Array:
+    """``(d, d)`` ``sum_i w_i a_i a_i^T`` (over all devices' users with ``axis``)."""
 
     def fn(args, fresh):
         X, y, mask, w = args
         a = _moment_vectors(*_masked(UserData(X, y, mask)), mask)
         return None, jnp.einsum("cd,ce->de", a * (w * fresh)[:, None], a)
 
-    return map_user_chunks(fn, (*data, weights), chunk)[1]
+    return map_user_chunks(fn, (*data, weights), chunk, axis=axis)[1]
 
 
 def user_statistics(X, y, mask, U, fit: peruser.UserFit):
@@ -153,8 +156,11 @@ def step_norms(data: UserData, U, fits: peruser.UserFit, chunk) -> jax.Array:
     return map_user_chunks(fn, (*data, fits), chunk)[0]
 
 
-def step_sums(data: UserData, U, fits: peruser.UserFit, weights, chunk):
-    """``(sum_i w_i G_i, sum_i w_i H_i)``, shapes ``(d, r)`` and ``(r, r)``."""
+def step_sums(data: UserData, U, fits: peruser.UserFit, weights, chunk, *, axis=None):
+    """``(sum_i w_i G_i, sum_i w_i H_i)``, shapes ``(d, r)`` and ``(r, r)``.
+
+    With ``axis`` (inside ``shard_map``) the sums run over all devices' users.
+    """
 
     def fn(args, fresh):
         X, y, mask, fit, w = args
@@ -162,29 +168,49 @@ def step_sums(data: UserData, U, fits: peruser.UserFit, weights, chunk):
         w = w * fresh
         return None, (jnp.einsum("cdr,c->dr", G, w), jnp.einsum("crs,c->rs", H, w))
 
-    return map_user_chunks(fn, (*data, fits, weights), chunk)[1]
+    return map_user_chunks(fn, (*data, fits, weights), chunk, axis=axis)[1]
 
 
 # ------------------------------------------------------------ the releases
 
 
-def _clip_level(key, norms, fixed, noise: NoiseLevels, quantile):
-    """Fixed clip levels, or the private ``quantile`` of ``norms (t, s)`` per column."""
-    chosen = mech.private_quantile(key, norms, quantile, 2 * noise.z_histogram)
+def _valid(t_local: int, axis: UserAxis | None):
+    """``(t_local,)`` True for this device's real users; None on one device."""
+    if axis is None:
+        return None
+    return first_user(t_local, axis) + jnp.arange(t_local) < axis.num_users
+
+
+def _clip_level(key, norms, fixed, noise: NoiseLevels, quantile, axis=None):
+    """Fixed clip levels, or the private ``quantile`` of ``norms (t, s)`` per column.
+
+    With ``axis``, ``norms`` are this device's users and the quantile's counts
+    are summed over all devices before the noise (the same on every device).
+    """
+    chosen = mech.private_quantile(
+        key,
+        norms,
+        quantile,
+        2 * noise.z_histogram,
+        valid=_valid(norms.shape[0], axis),
+        axis=axis,
+    )
     return jnp.where(jnp.isnan(fixed), chosen.astype(norms.dtype), fixed)
 
 
-def _private_init(data, config, key, noise, quantile, chunk, non_private: bool):
+def _private_init(
+    data, config, key, noise, quantile, chunk, non_private: bool, axis=None
+):
     """Released ``U_0 (d, r)`` and the moment clip level used."""
     norms = moment_norms(data, chunk)
     k_hist, k_noise = jax.random.split(key)
     clip = _clip_level(
-        k_hist, norms[:, None], noise.clip_moment[None], noise, quantile
+        k_hist, norms[:, None], noise.clip_moment[None], noise, quantile, axis
     )[0]
     weights = jnp.ones_like(norms)
     if not non_private:
         weights = mech.clip_weights(norms[:, None], clip[None])
-    M = moment_sum(data, weights, chunk)
+    M = moment_sum(data, weights, chunk, axis=axis)  # summed over devices
     M = mech.noisy_sum(k_noise, M, clip, noise.z, symmetric=True)
     _, vectors = jnp.linalg.eigh(M)
     return orthonormalize(vectors[:, ::-1][:, : config.rank])[0], clip
@@ -214,27 +240,56 @@ def noisy_step_statistics(
     ``clipped_fraction`` is not released. :mod:`lrs.audit` audits this
     function on its own.
     """
-    t = data.X.shape[0]
+    return _step_statistics(
+        data, U, fits, key, noise, quantile, batch, chunk, non_private
+    )
+
+
+def _step_statistics(
+    data, U, fits, key, noise, quantile, batch, chunk, non_private, axis=None
+):
+    """:func:`noisy_step_statistics`; with ``axis``, on this device's users.
+
+    Sharded, every sum (the quantile's counts, ``G``, ``H``) is reduced over
+    the devices before its noise is added, the noise and the batch come from
+    the same key on every device, and the release equals the single-device one
+    up to the summation order.
+    """
+    t_local = data.X.shape[0]
+    t = t_local if axis is None else axis.num_users
     k_hist, k_G, k_H, k_batch = jax.random.split(key, 4)
     norms = step_norms(data, U, fits, chunk)
-    clips = _clip_level(k_hist, norms, noise.clip_step, noise, quantile)
-    weights = jnp.ones((t,), U.dtype)
+    clips = _clip_level(k_hist, norms, noise.clip_step, noise, quantile, axis)
+    weights = jnp.ones((t_local,), U.dtype)
     if not non_private:
         weights = mech.clip_weights(norms, clips)
-    clipped = jnp.mean(weights < 1)
+    if axis is None:
+        clipped = jnp.mean(weights < 1)
+    else:
+        scaled = (weights < 1) & _valid(t_local, axis)
+        clipped = psum(jnp.sum(scaled, dtype=jnp.int32), axis) / t
     if batch < t:
+        # The batch is drawn over all t users, as on one device; each device
+        # keeps the chosen users it holds.
         chosen = jax.random.permutation(k_batch, t)[:batch]
-        weights = weights * jnp.zeros((t,), U.dtype).at[chosen].set(1)
-    G, H = step_sums(data, U, fits, weights, chunk)
+        if axis is not None:
+            local = chosen - first_user(t_local, axis)
+            mine = (local >= 0) & (local < t_local)
+            chosen = jnp.where(mine, local, t_local)
+        in_batch = jnp.zeros((t_local,), U.dtype).at[chosen].set(1, mode="drop")
+        weights = weights * in_batch
+    G, H = step_sums(data, U, fits, weights, chunk, axis=axis)
     G = mech.noisy_sum(k_G, G, clips[0], noise.z)
     H = mech.noisy_sum(k_H, H, clips[1], noise.z, symmetric=True)
     return G, H, clips, clipped
 
 
-def _shared_release(data, U, fits, key, noise, quantile, batch, chunk, non_private):
+def _shared_release(
+    data, U, fits, key, noise, quantile, batch, chunk, non_private, axis=None
+):
     """One private shared step: ``(U_new, clips (2,), clipped_fraction)``."""
-    G, H, clips, clipped = noisy_step_statistics(
-        data, U, fits, key, noise, quantile, batch, chunk, non_private
+    G, H, clips, clipped = _step_statistics(
+        data, U, fits, key, noise, quantile, batch, chunk, non_private, axis
     )
     H_noise = 2 * noise.z * clips[1]
     return orthonormalize(U + _newton_direction(G, H, H_noise))[0], clips, clipped
@@ -247,33 +302,49 @@ def _params(U, fits: peruser.UserFit, d: int) -> LRSParams:
     return LRSParams(U, fits.v, SparseRows(fits.support, fits.b, d))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "quantile", "batch", "non_private", "private_init"),
-)
-def _fit(
-    data, config, key, U0, truth, noise, quantile, batch, non_private, private_init
+def _fit_program(
+    data,
+    config,
+    key,
+    U0,
+    truth,
+    noise,
+    quantile,
+    batch,
+    non_private,
+    private_init,
+    axis=None,
 ):
-    t, _, d = data.X.shape
+    """The whole private fit; with ``axis``, inside ``shard_map`` on one device."""
+    _, _, d = data.X.shape
     chunk = peruser.chunk_size(data, config)
     k_init, k_steps = jax.random.split(key)
     if private_init:
         U, clip_moment = _private_init(
-            data, config, k_init, noise, quantile, chunk, non_private
+            data, config, k_init, noise, quantile, chunk, non_private, axis
         )
     else:
         U, clip_moment = U0, jnp.full((), jnp.nan, data.X.dtype)
-    fits = peruser.per_user_step(data, U, None, config)
-    num = jnp.sum(data.mask)
+    fits = peruser.per_user_step(data, U, None, config, axis=axis)
+    num = psum(jnp.sum(data.mask), axis)
     nan = jnp.full((), jnp.nan, U.dtype)
+    valid = _valid(data.X.shape[0], axis)
+
+    def error(params):
+        if axis is None:
+            return metrics.relative_error(params, truth)
+        W_star = dense_weights(truth)
+        diff = jnp.where(valid[:, None], dense_weights(params) - W_star, 0)
+        num, den = psum((jnp.sum(diff * diff), jnp.sum(W_star * W_star)), axis)
+        return jnp.sqrt(num) / jnp.sqrt(den)
 
     def record(U_old, U, fits, clips, clipped):
         params = _params(U, fits, d)
         have = truth is not None
         return dict(
-            loss=jnp.sum(fits.sq_residual) / num,
+            loss=psum(jnp.sum(fits.sq_residual), axis) / num,
             u_change=nan if U_old is None else metrics.subspace_distance(U_old, U),
-            relative_error=metrics.relative_error(params, truth) if have else nan,
+            relative_error=error(params) if have else nan,
             subspace_distance=metrics.subspace_distance(U, truth.U) if have else nan,
             clipped_fraction=clipped,
             clip_gradient=clips[0],
@@ -289,15 +360,65 @@ def _fit(
         U, fits, history = carry
         key = jax.random.fold_in(k_steps, i)
         U_new, clips, clipped = _shared_release(
-            data, U, fits, key, noise, quantile, batch, chunk, non_private
+            data, U, fits, key, noise, quantile, batch, chunk, non_private, axis
         )
-        fits = peruser.per_user_step(data, U_new, fits.support, config)
+        fits = peruser.per_user_step(data, U_new, fits.support, config, axis=axis)
         entry = record(U, U_new, fits, clips, clipped)
         history = jax.tree.map(lambda h, a: h.at[i + 1].set(a), history, entry)
         return U_new, fits, history
 
     U, fits, history = jax.lax.fori_loop(0, config.num_iters, body, (U, fits, history))
     return _params(U, fits, d), history, clip_moment
+
+
+_STATIC = ("config", "quantile", "batch", "non_private", "private_init")
+_fit = jax.jit(_fit_program, static_argnames=(*_STATIC, "axis"))
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "mesh", "t"))
+def _fit_sharded(
+    data,
+    config,
+    key,
+    U0,
+    truth,
+    noise,
+    quantile,
+    batch,
+    non_private,
+    private_init,
+    mesh,
+    t: int,
+):
+    """:func:`_fit_program` under ``shard_map``, users split over ``mesh``."""
+    axis = UserAxis(sharding.AXIS, t)
+    users, every = P(sharding.AXIS), P()
+    params_spec = LRSParams(every, users, users)
+    truth_spec = None if truth is None else params_spec
+
+    def local(data, key, U0, truth, noise):
+        return _fit_program(
+            data,
+            config,
+            key,
+            U0,
+            truth,
+            noise,
+            quantile,
+            batch,
+            non_private,
+            private_init,
+            axis,
+        )
+
+    run = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(users, every, every, truth_spec, every),
+        out_specs=(params_spec, every, every),
+        check_vma=False,
+    )
+    return run(data, key, U0, truth, noise)
 
 
 def _check_config(config, dp_config) -> AMHTConfig:
@@ -422,7 +543,16 @@ def run_prepared(data: UserData, prepared: Prepared, key, truth=None):
 
     Returns ``(params, history, clip_moment)``.
     """
-    _, _, d = data.X.shape
+    return _run(data, prepared, key, truth)
+
+
+def _run(data: UserData, prepared: Prepared, key, truth=None, mesh=None):
+    """:func:`run_prepared`, with the users split over ``mesh`` if given.
+
+    Sharded, ``data`` (and ``truth``) are padded and placed here and the
+    results come back whole on the default device, without the padding.
+    """
+    t, _, d = data.X.shape
     config, dtype = prepared.config, data.X.dtype
     if prepared.init_U is not None:
         U0 = prepared.init_U
@@ -431,18 +561,23 @@ def run_prepared(data: UserData, prepared: Prepared, key, truth=None):
         U0 = orthonormalize(U0)[0]
     else:
         U0 = jnp.zeros((d, config.rank), dtype)
-    return _fit(
-        data,
-        config,
-        key,
-        U0,
-        truth,
+    args = (
         prepared.noise,
         prepared.quantile,
         prepared.batch,
         prepared.non_private,
         prepared.private_init,
     )
+    if mesh is None:
+        return _fit(data, config, key, U0, truth, *args)
+    data = sharding.shard_data(data, mesh)
+    if truth is not None:
+        truth = sharding.shard_truth(truth, mesh)
+    out = _fit_sharded(data, config, key, U0, truth, *args, mesh, t)
+    params, history, clip_moment = jax.tree.map(sharding.gathered, out)
+    B = params.B
+    B = SparseRows(B.indices[:t], B.values[:t], B.dim)
+    return LRSParams(params.U, params.V[:t], B), history, clip_moment
 
 
 def fit(
@@ -453,6 +588,7 @@ def fit(
     key=None,
     truth: LRSParams | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """Private AMHT-LRS: user-level (epsilon, delta)-DP release of U.
 
@@ -474,17 +610,26 @@ def fit(
       truth: planted parameters, to track errors in the diagnostics.
       callback: ``callback(iteration, info)`` after the fit, once per
         iteration with a dict of floats (the fit is one jitted program).
+      mesh: a ``jax.sharding.Mesh`` with an axis ``'users'``: the users are
+        split over its devices (any ``t``) as in :func:`lrs.fit`; every
+        released sum (and every count of the private quantiles) is summed
+        over the devices before its noise is added, with the same noise on
+        every device, so the result equals the single-device fit with the
+        same ``key`` up to rounding, and the privacy record is the same
+        (docs/scale.md, "The private fit"). ``None``: the default device.
 
     Returns:
       ``(params, diagnostics)``: :class:`lrs.LRSParams` and a
       :class:`PrivateDiagnostics` whose ``privacy`` is a :class:`PrivacyRecord`.
     """
+    if mesh is not None:
+        sharding.check_mesh(mesh)
     prepared, data = prepare(data, config, dp_config)
     t, _, d = data.X.shape
     if truth is not None:
         check_truth(truth, t, d)
     key = jax.random.key(0) if key is None else key
-    params, history, clip_moment = run_prepared(data, prepared, key, truth)
+    params, history, clip_moment = _run(data, prepared, key, truth, mesh)
     config, plan, z = prepared.config, prepared.plan, prepared.z
     z_h = z * dp_config.histogram_noise_ratio
     private_init = prepared.private_init

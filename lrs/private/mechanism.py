@@ -11,6 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lrs.sharding import psum
+
 #: Clip-level histogram: log2-spaced bins, BINS_PER_OCTAVE per octave, from
 #: 2**LOG2_LOW to 2**LOG2_HIGH; values outside land in the end bins.
 LOG2_LOW, LOG2_HIGH, BINS_PER_OCTAVE = -40, 40, 4
@@ -35,7 +37,9 @@ def histogram_bins(norms: jax.Array) -> jax.Array:
 SEARCH_LEVELS = math.ceil(math.log2(NUM_BINS))
 
 
-def private_quantile(key, norms: jax.Array, quantile, sigma) -> jax.Array:
+def private_quantile(
+    key, norms: jax.Array, quantile, sigma, *, valid=None, axis=None
+) -> jax.Array:
     """Noisy ``quantile`` of each column of ``norms (t, s)``: ``(s,)`` bin edges.
 
     A binary search over the fixed log2 bins: each of :data:`SEARCH_LEVELS`
@@ -46,15 +50,26 @@ def private_quantile(key, norms: jax.Array, quantile, sigma) -> jax.Array:
     multiplier at least ``z_h``. Unlike a noisy histogram, whose cumulative
     noise grows with the number of empty bins below the quantile, each level's
     error is one draw of the noise.
+
+    Sharded (inside ``shard_map``, ``axis`` an :class:`lrs.sharding.UserAxis`):
+    ``norms`` holds this device's users, ``valid (t_local,)`` marks the real
+    ones (padding counts nowhere), each level's counts are summed over the
+    devices *before* the noise is added, and the noise comes from the same
+    ``key`` on every device, so every device releases the same value, equal to
+    the single-device one; the target is ``quantile`` of all ``axis.num_users``.
     """
     bins = histogram_bins(norms)  # (t, s)
-    target = quantile * norms.shape[0]
+    num_users = norms.shape[0] if axis is None else axis.num_users
+    target = quantile * num_users
     s = norms.shape[1]
+    if valid is not None:  # padded users fall past the last bin: never counted
+        bins = jnp.where(valid[:, None], bins, NUM_BINS)
 
     def level(i, bounds):
         low, high = bounds  # (s,) each: the answer lies in [low, high]
         mid = (low + high) // 2
         count = jnp.sum(bins <= mid, axis=0).astype(jnp.float32)
+        count = psum(count, axis)  # the exact integer count over all devices
         noisy = count + sigma * jax.random.normal(jax.random.fold_in(key, i), (s,))
         enough = noisy >= target
         return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)

@@ -7,6 +7,20 @@
    busy-wait; on a small, shared machine a 100 x 100 eigendecomposition then
    takes 20-300 ms instead of 1.3 ms. ``OPENBLAS_NUM_THREADS=1`` avoids it.
 
+Not covered by these settings: a second deadlock, in jaxlib's batched LAPACK
+kernels (jaxlib 0.10.2, checked with gdb). A large batched QR or Cholesky
+(for ``n x n`` Cholesky: ``batch * n^3 / 3 >= 200,000``) splits its batch
+into tasks on XLA's intra-op pool (one thread per core) and blocks until they
+are done; when one program holds two such factorizations with no dependency
+between them, XLA runs them at once and, once every pool thread waits so, the
+queued tasks never run (0% CPU). ``--xla_cpu_multi_thread_eigen=false`` does
+not change this. ``lrs.fit`` and ``lrs.fit_streamed`` avoid it by keeping
+the batched factorizations of the per-user step in one chain: the rescue's l1
+candidate takes a data dependency on the cold candidate's result
+(``lrs.peruser._after``; ``lax.optimization_barrier`` is removed by XLA:CPU
+and does not order them), and the streamed fit runs the two candidates as
+separate programs (docs/scale.md).
+
 The CLI, the benchmark scripts and the test suite call
 :func:`avoid_cpu_deadlock` first; library users who see a hang or erratic
 timings can do the same (or set the variables themselves).

@@ -131,21 +131,54 @@ def l1_support(A, X, y, k: int, steps: int) -> jax.Array:
 
 def rescue(X, y, U, fits: UserFit, *, steps: int, l1_steps: int, ridge=0.0) -> UserFit:
     """Stronger attempt for a batch of hard users: best of ``fits``, a cold
-    start and an l1 start, each polished by ``steps`` pursuit steps."""
+    start and an l1 start, each polished by ``steps`` pursuit steps.
+
+    The l1 candidate is computed after the cold one (:func:`_after`), so the
+    program's batched factorizations form one chain (no CPU deadlock)."""
     k = fits.support.shape[-1]
     if k == 0:
         return fits
     A = X @ U
     cold = jax.vmap(cold_support, (0, 0, 0, None, None))(A, X, y, k, ridge)
-    candidates = [pursue(A, X, y, cold, steps, ridge)]
+    best = _keep_better(pursue(A, X, y, cold, steps, ridge), fits)
     if l1_steps > 0:
+        # The l1 chain starts only once the cold one is done (see _after).
+        A, X, y = _after((A, X, y), best)
         l1 = jax.vmap(l1_support, (0, 0, 0, None, None))(A, X, y, k, l1_steps)
-        candidates.append(pursue(A, X, y, l1, steps, ridge))
-    best = fits
-    for c in candidates:
-        better = c.sq_residual < best.sq_residual
-        best = jax.tree.map(lambda a, b, w=better: _where_rows(w, a, b), c, best)
+        best = _keep_better(pursue(A, X, y, l1, steps, ridge), best)
     return best
+
+
+def _keep_better(candidate: UserFit, best: UserFit) -> UserFit:
+    """Each row of ``candidate`` if its residual is smaller, else ``best``'s."""
+    better = candidate.sq_residual < best.sq_residual
+    return jax.tree.map(lambda a, b: _where_rows(better, a, b), candidate, best)
+
+
+def _after(x, dep):
+    """``x`` unchanged, but with a data dependency on ``dep`` that XLA keeps.
+
+    Orders two chains of batched factorizations in one program: what is
+    computed from the result cannot start before ``dep`` is computed. In
+    jaxlib 0.10.2 a large batched LAPACK call on CPU (QR, Cholesky) splits its
+    batch into tasks on XLA's intra-op pool and blocks until they are done;
+    two such calls that XLA runs at once, as it does independent ops, can block
+    every pool thread and deadlock (docs/scale.md). ``lax.optimization_barrier``
+    does not order them: XLA:CPU removes it before scheduling and the compiled
+    program holds the two chains independent again. Here ``x`` goes through a
+    ``select`` on a predicate computed from all of ``dep`` (``(bits | 1) != 0``,
+    always true, NaN included, but not foldable), which returns ``x`` exactly.
+    """
+    ok = jnp.asarray(True)
+    for leaf in jax.tree.leaves(dep):
+        leaf = jnp.asarray(leaf)
+        if leaf.dtype == jnp.bool_:
+            leaf = leaf.astype(jnp.int8)
+        elif not jnp.issubdtype(leaf.dtype, jnp.integer):
+            bits = jnp.dtype(f"int{8 * leaf.dtype.itemsize}")
+            leaf = jax.lax.bitcast_convert_type(leaf, bits)
+        ok = ok & jnp.all((leaf | 1) != 0)
+    return jax.tree.map(lambda a: jnp.where(ok, a, jnp.zeros_like(a)), x)
 
 
 def _where_rows(pick, a, b):

@@ -1,5 +1,7 @@
 """Specification of lrs.peruser: the per-user sparse least-squares step."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,3 +235,145 @@ def test_numpy_reference_on_the_true_support(planted):
         np.testing.assert_allclose(v, np.asarray(truth.V[i]), rtol=1e-9, atol=1e-10)
         np.testing.assert_allclose(b, np.asarray(truth.B.values[i]), atol=1e-10)
         assert sq < 1e-18 * (y @ y)
+
+
+# ------------------------------------- one chain of batched LAPACK calls at a time
+
+
+def _hlo_computations(text):
+    """``{computation: {instruction: (text after '=', referenced %names)}}``."""
+    comps, cur = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) \(.*\{$", line)
+        if head:
+            cur = comps.setdefault(head.group(1), {})
+        elif line.strip() == "}":
+            cur = None
+        elif cur is not None:
+            inst = re.match(r"^\s*(?:ROOT )?%(\S+) = (.*)$", line)
+            if inst:
+                rhs = inst.group(2)
+                cur[inst.group(1)] = (rhs, re.findall(r"%([\w.\-]+)", rhs))
+    return comps
+
+
+def _unordered_lapack_pairs(text):
+    """Pairs of instructions of one computation that each run a LAPACK kernel
+    (a ``lapack_*`` custom call, or a loop / conditional / call whose body
+    does) with no data or control dependency between them, so that XLA:CPU
+    may run them at the same time."""
+    comps = _hlo_computations(text)
+    memo = {}
+
+    def runs_lapack(rhs, refs, inside=None):
+        return 'custom_call_target="lapack_' in rhs or any(
+            r in comps and r != inside and calls_lapack(r) for r in refs
+        )
+
+    def calls_lapack(comp):
+        if comp not in memo:
+            memo[comp] = False  # no recursion in HLO; guards the walk anyway
+            memo[comp] = any(runs_lapack(*v, comp) for v in comps[comp].values())
+        return memo[comp]
+
+    pairs = []
+    for comp, insts in comps.items():
+        operands = {
+            n: [r for r in refs if r in insts] for n, (_, refs) in insts.items()
+        }
+        heavy = [n for n, v in insts.items() if runs_lapack(*v)]
+        before = {}
+        for n in heavy:
+            seen, stack = set(), list(operands[n])
+            while stack:
+                a = stack.pop()
+                if a not in seen:
+                    seen.add(a)
+                    stack.extend(operands[a])
+            before[n] = seen
+        pairs += [
+            (comp, a, b)
+            for i, a in enumerate(heavy)
+            for b in heavy[i + 1 :]
+            if a not in before[b] and b not in before[a]
+        ]
+    return pairs
+
+
+def _compiled_text(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_unordered_lapack_pairs_sees_independent_factorizations():
+    """The check below is not vacuous: two independent batched Cholesky
+    factorizations in one program are found; chained ones are not."""
+    G = jnp.broadcast_to(jnp.eye(4), (8, 4, 4))
+
+    def independent(G, H):
+        return jnp.linalg.cholesky(G), jnp.linalg.cholesky(H)
+
+    def chained(G, H):
+        L = jnp.linalg.cholesky(G)
+        return jnp.linalg.cholesky(H + 0 * L)
+
+    assert _unordered_lapack_pairs(_compiled_text(independent, G, G))
+    assert not _unordered_lapack_pairs(_compiled_text(chained, G, G))
+
+
+def _rescue_inputs(n=16, m=12, d=20, r=2, k=3):
+    X, y = jnp.zeros((n, m, d), jnp.float32), jnp.zeros((n, m), jnp.float32)
+    fits = peruser.UserFit(
+        jnp.zeros((n, r)), jnp.zeros((n, k), jnp.int32), jnp.zeros((n, k)), jnp.zeros(n)
+    )
+    return X, y, jnp.zeros((d, r), jnp.float32), fits
+
+
+def test_rescue_runs_its_candidates_one_after_the_other():
+    """In the compiled rescue, every batched LAPACK call (cold candidate: the
+    Cholesky of cold_support and its pursuit; l1 candidate: QR, SVD, pursuit)
+    depends on or is depended on by every other: XLA:CPU cannot run two at
+    once. With large batches (e.g. the 15 x 15 Cholesky from ~180 users on)
+    jaxlib 0.10.2 splits each over XLA's intra-op pool and blocks waiting, and
+    two at once deadlocked a 2-core machine (docs/scale.md). The old rescue,
+    two independent candidate chains, fails this check (49 unordered pairs)."""
+    X, y, U, fits = _rescue_inputs()
+
+    def rescue(X, y, U, fits):
+        return peruser.rescue(X, y, U, fits, steps=3, l1_steps=20)
+
+    text = _compiled_text(rescue, X, y, U, fits)
+    assert 'custom_call_target="lapack_' in text and "geqrf" in text
+    assert _unordered_lapack_pairs(text) == []
+
+
+def test_per_user_step_runs_one_chain_of_lapack_calls():
+    X, y, U, _ = _rescue_inputs()
+    data = lrs.UserData(X, y, jnp.ones(y.shape, bool))
+    config = lrs.AMHTConfig(rank=2, sparsity=3, rescue_fraction=0.5)
+    for warm in (None, jnp.zeros((16, 3), jnp.int32)):
+        text = _compiled_text(lambda U: peruser.per_user_step(data, U, warm, config), U)
+        assert "geqrf" in text
+        assert _unordered_lapack_pairs(text) == []
+
+
+@pytest.mark.parametrize("dep", [jnp.nan, -jnp.inf, 0.0, -0.0, 0, -1, True, False])
+def test_after_returns_its_input_exactly(dep):
+    x = (jnp.array([1.5, -0.0, jnp.nan, jnp.inf]), jnp.arange(3))
+    got = jax.jit(peruser._after)(x, {"a": jnp.asarray(dep), "b": jnp.zeros((0, 2))})
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(x)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert np.signbit(np.asarray(a)).tolist() == np.signbit(np.asarray(b)).tolist()
+
+
+def test_independent_candidate_chains_fail_the_check():
+    """The rescue as it was (cold and l1 candidates as independent chains in
+    one program) is what the two tests above rule out."""
+    X, y, U, fits = _rescue_inputs()
+
+    def two_chains(X, y, U):
+        A = X @ U
+        cold = jax.vmap(peruser.cold_support, (0, 0, 0, None))(A, X, y, 3)
+        l1 = jax.vmap(peruser.l1_support, (0, 0, 0, None, None))(A, X, y, 3, 20)
+        return peruser.pursue(A, X, y, cold, 3), peruser.pursue(A, X, y, l1, 3)
+
+    assert _unordered_lapack_pairs(_compiled_text(two_chains, X, y, U))

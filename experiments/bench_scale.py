@@ -3,6 +3,7 @@
     python experiments/bench_scale.py --out bench-scale          # CPU sweeps
     python experiments/bench_scale.py --stream-cpu-only --out s  # streamed vs in-memory
     python experiments/bench_scale.py --quick --out /tmp/s       # smoke test
+    python experiments/bench_scale.py --private-only --out p     # private fit sweeps
     python experiments/bench_scale.py --gpu --out bench-gpu      # on a GPU: P2,
         # bandwidth of the data passes, and the largest streamed t
 
@@ -96,12 +97,62 @@ def time_per_iteration(
     )
 
 
+def private_time_per_iteration(data, sizes, rounds: int, iters=(1, 3)) -> dict:
+    """Seconds per shared step of ``lrs.private.fit`` (epsilon=1, delta=1e-5).
+
+    The private fit is one jitted program whose callback runs after it ends,
+    so an iteration is timed as (program of ``iters[1]`` steps - program of
+    ``iters[0]`` steps) / difference, over ``rounds`` interleaved pairs, with
+    data passes measured in between. The programs are the jitted fit of
+    ``lrs.private.algorithm.run_prepared``, compiled first; the noise
+    calibration and the input checks (``prepare``) are left out.
+    """
+    from lrs import private
+    from lrs.private import algorithm
+
+    dp = private.DPConfig(epsilon=1.0, delta=1e-5)
+    prepared = []
+    for n in iters:
+        config = lrs.AMHTConfig(
+            rank=sizes["r"], sparsity=sizes["k"], num_iters=n, tol=0.0
+        )
+        prepared.append(algorithm.prepare(data, config, dp))
+    W = jnp.ones((data.num_users, data.dim), data.X.dtype)
+
+    def fit(prep):
+        plan, checked = prep
+        return algorithm.run_prepared(checked, plan, jax.random.key(0))[0]
+
+    configs = prepared
+    first_call = [_seconds(lambda c=c: fit(c)) for c in configs]
+    _seconds(lambda: bench_core._data_pass(data.X, W))
+    diffs, passes = [], []
+    for _ in range(rounds):
+        short, long = (_seconds(lambda c=c: fit(c)) for c in configs)
+        diffs.append((long - short) / (iters[1] - iters[0]))
+        passes += [_seconds(lambda: bench_core._data_pass(data.X, W)) for _ in range(3)]
+    per_iter = float(np.median(diffs))
+    unit = float(np.median(passes))
+    return dict(
+        sizes=sizes,
+        iters=list(iters),
+        rounds=rounds,
+        seconds_per_iteration=per_iter,
+        data_pass_seconds=unit,
+        units_per_iteration=per_iter / unit,
+        iteration_samples=diffs,
+        first_call_seconds=first_call,
+        data_bytes=int(data.X.nbytes + data.y.nbytes + data.mask.nbytes),
+    )
+
+
 def exponent(xs, ys) -> float:
     """Slope of log(y) against log(x) (least squares)."""
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
-def run_cpu(t_sweep, d_sweep, base, iters, rounds, seed) -> dict:
+def run_cpu(t_sweep, d_sweep, base, iters, rounds, seed, private=False) -> dict:
+    """The t and d sweeps of the fit (``private``: of the private fit)."""
     points = {}
     for key, sizes in [("t", dict(base, t=t)) for t in t_sweep] + [
         ("d", dict(base, t=t_sweep[1], d=d)) for d in d_sweep
@@ -113,7 +164,10 @@ def run_cpu(t_sweep, d_sweep, base, iters, rounds, seed) -> dict:
             )
             # Fewer rounds for the largest problems (each fit takes seconds).
             n_rounds = max(1, rounds - 1) if sizes["t"] * sizes["d"] >= 1e7 else rounds
-            points[name] = time_per_iteration(data, sizes, iters, n_rounds)
+            if private:
+                points[name] = private_time_per_iteration(data, sizes, n_rounds)
+            else:
+                points[name] = time_per_iteration(data, sizes, iters, n_rounds)
             del data
             print(f"  {name}: {points[name]}", flush=True)
     t_rows = [points[f"t={t},d={base['d']}"] for t in t_sweep]
@@ -254,13 +308,21 @@ def run(args) -> dict:
         cpu_count=os.cpu_count(),
         date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     )
-    if not (args.gpu_only or args.stream_cpu_only):
+    if not (args.gpu_only or args.stream_cpu_only or args.private_only):
         result["cpu"] = run_cpu(
             t_sweep, d_sweep, base, args.iters, args.rounds, args.seed
         )
         print(
             f"exponent in t: {result['cpu']['exponent_t']:.2f}, "
             f"in d: {result['cpu']['exponent_d']:.2f}"
+        )
+    if args.private or args.private_only:
+        result["private_cpu"] = run_cpu(
+            t_sweep, d_sweep, base, args.iters, args.rounds, args.seed, private=True
+        )
+        print(
+            f"private fit: exponent in t: {result['private_cpu']['exponent_t']:.2f}, "
+            f"in d: {result['private_cpu']['exponent_d']:.2f}"
         )
     if args.stream_cpu:
         sizes = dict(base, t=t_sweep[1])
@@ -289,6 +351,10 @@ def main(argv=None):
         "--stream-cpu", action="store_true", help="streamed vs in-memory, t=1e4"
     )
     parser.add_argument("--stream-cpu-only", action="store_true")
+    parser.add_argument(
+        "--private", action="store_true", help="also the sweeps of the private fit"
+    )
+    parser.add_argument("--private-only", action="store_true")
     parser.add_argument("--stream-t", type=float, nargs="*", default=None)
     parser.add_argument("--chunk-bytes", type=int, default=2 * 2**30)
     args = parser.parse_args(argv)

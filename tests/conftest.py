@@ -9,6 +9,28 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
+# Tests marked ``slow`` re-check, at higher cost, what faster tests already
+# cover (another sampling rate, an end-to-end experiment run, an eager vs
+# jitted comparison). They run with ``pytest --run-slow`` or LRS_RUN_SLOW=1,
+# so that the default suite stays near 8 minutes on 2 cores.
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow", action="store_true", help="also run tests marked slow"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    import os
+
+    if config.getoption("--run-slow") or os.environ.get("LRS_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or LRS_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="module")
 def cheap_compiles():

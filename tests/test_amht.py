@@ -260,6 +260,7 @@ def test_determinism_bitwise(small_problem, main_fit):
 # --------------------------------------------------------------------- init / step
 
 
+@pytest.mark.slow
 def test_step_jitted_equals_eager():
     data, _ = lrs.synthetic.make_problem(
         jax.random.key(7), d=6, t=5, m=6, r=1, k=1, noise=0.1, dtype="float64"
@@ -645,7 +646,7 @@ def test_per_user_step_is_chunk_independent_and_consistent():
 # ------------------------------------------------------------ scale of the labels
 
 
-@pytest.mark.parametrize("scale", [1e-12, 1e12])
+@pytest.mark.parametrize("scale", [pytest.param(1e-12, marks=pytest.mark.slow), 1e12])
 def test_fit_is_invariant_to_the_scale_of_the_labels(scale):
     """float32 statistics of y^2 must neither overflow nor underflow."""
     data, truth = lrs.synthetic.make_problem(

@@ -151,12 +151,12 @@ def test_fit_audit_stays_below_the_claim_and_flags_skipped_clipping():
 
 
 def test_audit_is_reproducible_and_does_not_modify_its_inputs():
-    problem = audit.AuditProblem(t=10, canary="ordinary")
-    config = audit.AuditConfig(level="step", epsilon=2.0, trials=2000)
+    problem = audit.AuditProblem(t=20, canary="ordinary")
+    config = audit.AuditConfig(level="step", epsilon=2.0, trials=20_000)
     a = audit.audit(config, problem, key=jax.random.key(3))
     b = audit.audit(config, problem, key=jax.random.key(3))
     assert a.bound == b.bound
-    assert problem == audit.AuditProblem(t=10, canary="ordinary")
+    assert problem == audit.AuditProblem(t=20, canary="ordinary")
 
 
 def test_neighbouring_datasets_differ_in_one_user_only():
@@ -230,13 +230,50 @@ def test_bad_bound_arguments_are_refused():
 # ------------------------------------------------------------- experiment
 
 
+def _fake_results(flag_honest: bool, flag_broken: bool) -> dict:
+    def row(kind, eps, bound, fault, flagged):
+        return dict(
+            kind=kind,
+            epsilon_claimed=eps,
+            fault=fault,
+            flagged=flagged,
+            tightness=bound / eps,
+            trials=100,
+            seconds=1.0,
+            bound=dict(epsilon=bound, estimate=float("inf")),
+        )
+
+    rows = [
+        row(
+            "step, crafted canary", 1.0, 1.5 if flag_honest else 0.5, None, flag_honest
+        ),
+        row("fit, crafted canary", 1.0, 0.1, None, False),
+        row("step, crafted, BROKEN: half noise", 4.0, 5.0, "half_noise", flag_broken),
+    ]
+    return dict(rows=rows, seconds=3.0, setting=dict(delta=1e-5))
+
+
+def test_summary_states_the_verdict_and_plot_draws(tmp_path):
+    good = experiment.summary(_fake_results(False, True))
+    assert "broken control is flagged" in good and "| step, crafted canary |" in good
+    bad = experiment.summary(_fake_results(True, True))
+    assert "UNEXPECTED" in bad
+    missed = experiment.summary(_fake_results(False, False))
+    assert "UNEXPECTED" in missed
+    experiment._plot(_fake_results(False, True), tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert experiment._finite({"a": [float("inf"), 1.0]}) == {"a": [None, 1.0]}
+
+
+@pytest.mark.slow
 def test_experiment_writes_json_plot_and_a_verdict(tmp_path):
+    # Sizes shared with the tests above, so the compiled programs are reused.
     setting = experiment.Setting(
         epsilons=(1.0, 8.0),
-        step_trials=4000,
-        step_users=10,
-        fit_trials=40,
-        fit_users=10,
+        step_trials=20_000,
+        step_users=20,
+        fit_trials=200,
+        fit_users=20,
         control_trials=100_000,
         control_epsilon=4.0,
     )

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.usefixtures("cheap_compiles")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
 
+@pytest.mark.slow
 def test_comparison_table_runs_end_to_end(tmp_path):
     import comparison
 

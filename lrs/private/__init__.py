@@ -12,6 +12,7 @@ from lrs.private.algorithm import (
     plan_for,
 )
 from lrs.private.config import DPConfig
+from lrs.private.streaming import fit_streamed
 
 __all__ = [
     "DPConfig",
@@ -21,6 +22,7 @@ __all__ = [
     "calibrate",
     "epsilon_spent",
     "fit",
+    "fit_streamed",
     "noise_multiplier",
     "plan_for",
 ]

@@ -546,6 +546,17 @@ def run_prepared(data: UserData, prepared: Prepared, key, truth=None):
     return _run(data, prepared, key, truth)
 
 
+def _initial_U0(prepared: Prepared, key, d: int, dtype) -> jax.Array:
+    """The public starting ``U (d, r)``: given, random, or zeros (unused)."""
+    config = prepared.config
+    if prepared.init_U is not None:
+        return prepared.init_U
+    if config.init == "random":
+        U0 = jax.random.normal(jax.random.fold_in(key, 1), (d, config.rank), dtype)
+        return orthonormalize(U0)[0]
+    return jnp.zeros((d, config.rank), dtype)
+
+
 def _run(data: UserData, prepared: Prepared, key, truth=None, mesh=None):
     """:func:`run_prepared`, with the users split over ``mesh`` if given.
 
@@ -553,14 +564,8 @@ def _run(data: UserData, prepared: Prepared, key, truth=None, mesh=None):
     results come back whole on the default device, without the padding.
     """
     t, _, d = data.X.shape
-    config, dtype = prepared.config, data.X.dtype
-    if prepared.init_U is not None:
-        U0 = prepared.init_U
-    elif config.init == "random":
-        U0 = jax.random.normal(jax.random.fold_in(key, 1), (d, config.rank), dtype)
-        U0 = orthonormalize(U0)[0]
-    else:
-        U0 = jnp.zeros((d, config.rank), dtype)
+    config = prepared.config
+    U0 = _initial_U0(prepared, key, d, data.X.dtype)
     args = (
         prepared.noise,
         prepared.quantile,
@@ -630,6 +635,15 @@ def fit(
         check_truth(truth, t, d)
     key = jax.random.key(0) if key is None else key
     params, history, clip_moment = _run(data, prepared, key, truth, mesh)
+    return _finish(params, history, clip_moment, prepared, dp_config, t, callback)
+
+
+def _finish(params, history, clip_moment, prepared, dp_config, t: int, callback):
+    """``(params, PrivateDiagnostics)`` of a finished fit; runs ``callback``.
+
+    Raises:
+      FitError: if the released U is not finite.
+    """
     config, plan, z = prepared.config, prepared.plan, prepared.z
     z_h = z * dp_config.histogram_noise_ratio
     private_init = prepared.private_init

@@ -1,0 +1,284 @@
+"""Private AMHT-LRS on data that stays in host memory (or a memory-mapped ``.npy``).
+
+:func:`lrs.private.fit`'s program driven from Python, the users streamed to
+the device in chunks of ``chunk_users`` for every pass (``lrs.streaming``'s
+``_Stream``: the next chunk is copied while the current one computes). Each
+chunk computation is a jitted call of the in-memory fit's own functions
+(``moment_norms``, ``moment_sum``, ``step_norms``, ``step_sums``,
+``peruser.per_user_step`` with the rescue off, so each user's fit is local);
+the releases (``_clip_level``, ``mechanism.clip_weights``, the batch,
+``mechanism.noisy_sum``, ``_newton_direction``, ``orthonormalize``) run once
+per release on the ``(t, s)`` norms and the summed statistics, with the keys
+split as in ``_fit_program``. So the released U and the privacy record are
+those of :func:`lrs.private.fit` with the same key, up to the summation order.
+
+Passes over the data: the private initialization takes two (norms, then the
+clipped sum), the first per-user fit one; each shared step takes two (the
+clipped sums, then the per-user fits fused with the next step's norms).
+Per-user state (``v_i``, supports, ``b_i``, residuals: ``O(t (r + k))``) and
+the clip weights stay on the host; the device holds one chunk of data (two in
+flight) plus ``O(d r + t)`` (``O(d^2)`` for the moment matrix of the private
+initialization).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrs import metrics, peruser
+from lrs.config import AMHTConfig
+from lrs.data import UserData
+from lrs.linalg import orthonormalize
+from lrs.params import LRSParams, SparseRows
+from lrs.private import algorithm as alg
+from lrs.private import mechanism as mech
+from lrs.private.config import DPConfig
+from lrs.streaming import _drain, _error_chunk, _rows_count, _Stream
+from lrs.validation import check_truth
+
+# ----------------------------------------------------- per-chunk computations
+
+
+def _chunk(X, config) -> int:
+    return config.chunk_size(X.shape[1], X.shape[2], X.dtype.itemsize)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _moment_norms_chunk(X, y, mask, config):
+    return alg.moment_norms(UserData(X, y, mask), _chunk(X, config))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _moment_sum_chunk(X, y, mask, w, config):
+    return alg.moment_sum(UserData(X, y, mask), w, _chunk(X, config))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "norms"))
+def _fits_chunk(X, y, mask, warm, U, config, norms: bool):
+    """The chunk's per-user fits given ``U`` (cold when ``warm`` is None),
+    and, if ``norms``, the next step's ``(c, 2)`` norms of ``(G_i, H_i)``."""
+    data = UserData(X, y, mask)
+    fits = peruser.per_user_step(data, U, warm, config)
+    step = alg.step_norms(data, U, fits, _chunk(X, config)) if norms else None
+    return fits, step
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _step_sums_chunk(X, y, mask, v, support, b, w, U, config):
+    fits = peruser.UserFit(v, support, b, jnp.zeros_like(w))
+    return alg.step_sums(UserData(X, y, mask), U, fits, w, _chunk(X, config))
+
+
+# ---------------------------------------------------- releases (on the norms)
+
+
+@functools.partial(jax.jit, static_argnames=("quantile", "non_private"))
+def _init_clip(key, norms, noise, quantile, non_private):
+    """As the first half of ``_private_init``: ``(clip, weights (t,))``."""
+    k_hist, _ = jax.random.split(key)
+    clip = alg._clip_level(
+        k_hist, norms[:, None], noise.clip_moment[None], noise, quantile
+    )[0]
+    weights = jnp.ones_like(norms)
+    if not non_private:
+        weights = mech.clip_weights(norms[:, None], clip[None])
+    return clip, weights
+
+
+@functools.partial(jax.jit, static_argnames=("rank",))
+def _init_release(key, M, clip, noise, rank):
+    """As the second half of ``_private_init``: the released ``U_0``."""
+    _, k_noise = jax.random.split(key)
+    M = mech.noisy_sum(k_noise, M, clip, noise.z, symmetric=True)
+    _, vectors = jnp.linalg.eigh(M)
+    return orthonormalize(vectors[:, ::-1][:, :rank])[0]
+
+
+@functools.partial(jax.jit, static_argnames=("quantile", "batch", "non_private"))
+def _step_clip(key, norms, dtype_like, noise, quantile, batch, non_private):
+    """As ``_step_statistics`` up to the sums: ``(clips, weights, clipped)``."""
+    t = norms.shape[0]
+    k_hist, _, _, k_batch = jax.random.split(key, 4)
+    clips = alg._clip_level(k_hist, norms, noise.clip_step, noise, quantile)
+    weights = jnp.ones((t,), dtype_like.dtype)
+    if not non_private:
+        weights = mech.clip_weights(norms, clips)
+    clipped = jnp.mean(weights < 1)
+    if batch < t:
+        chosen = jax.random.permutation(k_batch, t)[:batch]
+        in_batch = jnp.zeros((t,), dtype_like.dtype).at[chosen].set(1, mode="drop")
+        weights = weights * in_batch
+    return clips, weights, clipped
+
+
+@jax.jit
+def _step_release(key, U, G, H, clips, noise):
+    """As the rest of ``_shared_release``: the released ``U``."""
+    _, k_G, k_H, _ = jax.random.split(key, 4)
+    G = mech.noisy_sum(k_G, G, clips[0], noise.z)
+    H = mech.noisy_sum(k_H, H, clips[1], noise.z, symmetric=True)
+    H_noise = 2 * noise.z * clips[1]
+    return orthonormalize(U + alg._newton_direction(G, H, H_noise))[0]
+
+
+# ---------------------------------------------------------------- the passes
+
+
+class _Fits:
+    """Each user's local fit, on the host."""
+
+    def __init__(self, t: int, r: int, k: int, dtype):
+        self.v = np.zeros((t, r), dtype)
+        self.support = np.zeros((t, k), np.int32)
+        self.b = np.zeros((t, k), dtype)
+        self.sq_residual = np.zeros((t,), dtype)
+        self.norms = np.zeros((t, 2), dtype)  # the next step's (G_i, H_i) norms
+
+    def arrays(self):
+        return (self.v, self.support, self.b, self.sq_residual)
+
+
+def _per_user_pass(stream: _Stream, fits: _Fits, U, config, norms: bool, cold: bool):
+    """Every user's fit given ``U`` (and the next step's norms), into ``fits``."""
+    targets = fits.arrays() + ((fits.norms,) if norms else ())
+    pending = None
+    for rows, (X, y, mask, *warm) in stream.chunks(*(() if cold else (fits.support,))):
+        _drain(pending, targets)  # the previous chunk, while this one computes
+        out, step = _fits_chunk(X, y, mask, None if cold else warm[0], U, config, norms)
+        pending = (rows, _rows_count(rows), (*out, *((step,) if norms else ())))
+    _drain(pending, targets)
+
+
+def _moment_norms(stream: _Stream, config) -> np.ndarray:
+    norms = np.zeros((stream.t,), stream.dtype)
+    pending = None
+    for rows, (X, y, mask) in stream.chunks():
+        _drain(pending, (norms,))
+        pending = (rows, _rows_count(rows), (_moment_norms_chunk(X, y, mask, config),))
+    _drain(pending, (norms,))
+    return norms
+
+
+def _record(stream, fits: _Fits, U_old, U, clips, clipped, num, truth) -> dict:
+    """One row of the history, as ``_fit_program``'s ``record``."""
+    nan = float("nan")
+    error = distance = nan
+    if truth is not None:
+        num_e = den_e = 0.0
+        arrays = (fits.v, fits.support, fits.b)
+        arrays += (np.asarray(truth.V), np.asarray(truth.B.indices))
+        arrays += (np.asarray(truth.B.values),)
+        for _, (Vc, ic, bc, Vs, is_, bs) in stream.chunks(*arrays, data=False):
+            a, b = _error_chunk(U, Vc, ic, bc, truth.U, Vs, is_, bs)
+            num_e, den_e = num_e + float(a), den_e + float(b)
+        error = float(np.sqrt(num_e) / np.sqrt(den_e))
+        distance = float(metrics.subspace_distance(U, jnp.asarray(truth.U)))
+    return dict(
+        loss=float(fits.sq_residual.sum() / num),
+        u_change=nan if U_old is None else float(metrics.subspace_distance(U_old, U)),
+        relative_error=error,
+        subspace_distance=distance,
+        clipped_fraction=float(clipped),
+        clip_gradient=float(clips[0]),
+        clip_gram=float(clips[1]),
+    )
+
+
+# ---------------------------------------------------------------- the fit
+
+
+def fit_streamed(
+    data: UserData,
+    config: AMHTConfig,
+    dp_config: DPConfig,
+    *,
+    chunk_users: int,
+    key=None,
+    truth: LRSParams | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+):
+    """:func:`lrs.private.fit` with the data on the host, streamed in chunks.
+
+    The same fit, the same releases and the same privacy record as
+    :func:`lrs.private.fit` with the same ``key``, up to the summation order:
+    each release's per-user norms are computed chunk by chunk, the clip levels
+    chosen from all ``t`` norms at once (the same private quantile, the same
+    batch of users), the clipped sums accumulated over the chunks and the
+    noise added once.
+
+    Args:
+      data: a :class:`lrs.UserData` whose arrays may be numpy or memory-mapped
+        (:meth:`lrs.UserData.from_host`); never modified, never copied whole
+        (the input check reads it on the host a block of users at a time).
+      config, dp_config, key, truth: as in :func:`lrs.private.fit`.
+      chunk_users: users copied to the device at a time (an integer ``>= 1``;
+        ``>= t`` means one chunk).
+      callback: ``callback(iteration, info)`` after the fit, once per
+        iteration, as in :func:`lrs.private.fit`.
+
+    Returns:
+      ``(params, diagnostics)`` as :func:`lrs.private.fit`; ``U`` is a JAX
+      array, ``V`` and ``B`` are numpy arrays on the host.
+
+    Raises:
+      ValueError: on bad data, configuration or ``chunk_users``.
+      FitError: if the released U becomes non-finite.
+    """
+    if isinstance(chunk_users, bool) or not isinstance(chunk_users, int | np.integer):
+        raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users!r}")
+    if chunk_users < 1:
+        raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users}")
+    prepared, data = alg.prepare(data, config, dp_config)
+    stream = _Stream(data, int(chunk_users))
+    t, d = stream.t, stream.d
+    if truth is not None:
+        check_truth(truth, t, d)
+    key = jax.random.key(0) if key is None else key
+    config, noise = prepared.config, prepared.noise
+    quantile, batch = prepared.quantile, prepared.batch
+    non_private = prepared.non_private
+    dtype = stream.dtype
+    num = int(np.asarray(data.mask).sum())
+
+    k_init, k_steps = jax.random.split(key)
+    nan = jnp.full((), jnp.nan, dtype)
+    clip_moment = nan
+    if prepared.private_init:
+        norms = jnp.asarray(_moment_norms(stream, config))
+        clip_moment, w = _init_clip(k_init, norms, noise, quantile, non_private)
+        M = stream.total(
+            lambda X, y, mask, w: _moment_sum_chunk(X, y, mask, w, config),
+            np.asarray(w),
+        )
+        U = _init_release(k_init, M, clip_moment, noise, config.rank)
+    else:
+        U = alg._initial_U0(prepared, key, d, dtype)
+    fits = _Fits(t, config.rank, config.sparsity, dtype)
+    steps = config.num_iters
+    _per_user_pass(stream, fits, U, config, norms=steps > 0, cold=True)
+    nans = (float("nan"),) * 2
+    rows = [_record(stream, fits, None, U, nans, float("nan"), num, truth)]
+    for i in range(steps):
+        step_key = jax.random.fold_in(k_steps, i)
+        clips, w, clipped = _step_clip(
+            step_key, jnp.asarray(fits.norms), U, noise, quantile, batch, non_private
+        )
+
+        def part(X, y, mask, v, support, b, w, U=U):
+            return _step_sums_chunk(X, y, mask, v, support, b, w, U, config)
+
+        G, H = stream.total(part, fits.v, fits.support, fits.b, np.asarray(w))
+        U_old, U = U, _step_release(step_key, U, G, H, clips, noise)
+        _per_user_pass(stream, fits, U, config, norms=i + 1 < steps, cold=False)
+        clips = tuple(map(float, np.asarray(clips)))
+        rows.append(_record(stream, fits, U_old, U, clips, clipped, num, truth))
+    history = {k: np.asarray([row[k] for row in rows]) for k in rows[0]}
+    params = LRSParams(
+        U, fits.v.copy(), SparseRows(fits.support.copy(), fits.b.copy(), d)
+    )
+    return alg._finish(params, history, clip_moment, prepared, dp_config, t, callback)

@@ -198,22 +198,36 @@ def _clip_level(key, norms, fixed, noise: NoiseLevels, quantile, axis=None):
     return jnp.where(jnp.isnan(fixed), chosen.astype(norms.dtype), fixed)
 
 
-def _private_init(
-    data, config, key, noise, quantile, chunk, non_private: bool, axis=None
-):
-    """Released ``U_0 (d, r)`` and the moment clip level used."""
-    norms = moment_norms(data, chunk)
-    k_hist, k_noise = jax.random.split(key)
+def init_weights(key, norms, noise, quantile, non_private: bool, axis=None):
+    """The initialization's clip level and ``(t,)`` clip weights from the
+    ``(t,)`` moment norms (the noisy quantile uses the first half of ``key``)."""
+    k_hist, _ = jax.random.split(key)
     clip = _clip_level(
         k_hist, norms[:, None], noise.clip_moment[None], noise, quantile, axis
     )[0]
     weights = jnp.ones_like(norms)
     if not non_private:
         weights = mech.clip_weights(norms[:, None], clip[None])
-    M = moment_sum(data, weights, chunk, axis=axis)  # summed over devices
-    M = mech.noisy_sum(k_noise, M, clip, noise.z, symmetric=True)
+    return clip, weights
+
+
+def init_release(key, M, clip, z, rank: int):
+    """The released ``U_0 (d, r)`` from the clipped moment sum ``M (d, d)``
+    (its noise uses the second half of ``key``)."""
+    _, k_noise = jax.random.split(key)
+    M = mech.noisy_sum(k_noise, M, clip, z, symmetric=True)
     _, vectors = jnp.linalg.eigh(M)
-    return orthonormalize(vectors[:, ::-1][:, : config.rank])[0], clip
+    return orthonormalize(vectors[:, ::-1][:, :rank])[0]
+
+
+def _private_init(
+    data, config, key, noise, quantile, chunk, non_private: bool, axis=None
+):
+    """Released ``U_0 (d, r)`` and the moment clip level used."""
+    norms = moment_norms(data, chunk)
+    clip, weights = init_weights(key, norms, noise, quantile, non_private, axis)
+    M = moment_sum(data, weights, chunk, axis=axis)  # summed over devices
+    return init_release(key, M, clip, noise.z, config.rank), clip
 
 
 def _newton_direction(G, H, noise_std) -> jax.Array:
@@ -255,12 +269,24 @@ def _step_statistics(
     the same key on every device, and the release equals the single-device one
     up to the summation order.
     """
-    t_local = data.X.shape[0]
-    t = t_local if axis is None else axis.num_users
-    k_hist, k_G, k_H, k_batch = jax.random.split(key, 4)
     norms = step_norms(data, U, fits, chunk)
+    clips, weights, clipped = step_weights(
+        key, norms, noise, quantile, batch, non_private, axis
+    )
+    G, H = step_sums(data, U, fits, weights, chunk, axis=axis)
+    G, H = step_noise(key, G, H, clips, noise.z)
+    return G, H, clips, clipped
+
+
+def step_weights(key, norms, noise, quantile, batch, non_private, axis=None):
+    """A step's clip levels, ``(t,)`` weights (clipping and batch) and clipped
+    fraction, from the ``(t, 2)`` norms of ``(G_i, H_i)``; with ``axis``, this
+    device's users. Uses the first and fourth quarter of ``key``."""
+    t_local = norms.shape[0]
+    t = t_local if axis is None else axis.num_users
+    k_hist, _, _, k_batch = jax.random.split(key, 4)
     clips = _clip_level(k_hist, norms, noise.clip_step, noise, quantile, axis)
-    weights = jnp.ones((t_local,), U.dtype)
+    weights = jnp.ones((t_local,), norms.dtype)
     if not non_private:
         weights = mech.clip_weights(norms, clips)
     if axis is None:
@@ -276,12 +302,23 @@ def _step_statistics(
             local = chosen - first_user(t_local, axis)
             mine = (local >= 0) & (local < t_local)
             chosen = jnp.where(mine, local, t_local)
-        in_batch = jnp.zeros((t_local,), U.dtype).at[chosen].set(1, mode="drop")
+        in_batch = jnp.zeros((t_local,), norms.dtype).at[chosen].set(1, mode="drop")
         weights = weights * in_batch
-    G, H = step_sums(data, U, fits, weights, chunk, axis=axis)
-    G = mech.noisy_sum(k_G, G, clips[0], noise.z)
-    H = mech.noisy_sum(k_H, H, clips[1], noise.z, symmetric=True)
-    return G, H, clips, clipped
+    return clips, weights, clipped
+
+
+def step_noise(key, G, H, clips, z):
+    """The noisy ``(G, H)`` of a step (the second and third quarter of ``key``)."""
+    _, k_G, k_H, _ = jax.random.split(key, 4)
+    G = mech.noisy_sum(k_G, G, clips[0], z)
+    H = mech.noisy_sum(k_H, H, clips[1], z, symmetric=True)
+    return G, H
+
+
+def step_update(U, G, H, clips, z):
+    """The released ``U <- orth(U + G H^-1)`` from the noisy ``(G, H)``."""
+    H_noise = 2 * z * clips[1]
+    return orthonormalize(U + _newton_direction(G, H, H_noise))[0]
 
 
 def _shared_release(
@@ -291,8 +328,7 @@ def _shared_release(
     G, H, clips, clipped = _step_statistics(
         data, U, fits, key, noise, quantile, batch, chunk, non_private, axis
     )
-    H_noise = 2 * noise.z * clips[1]
-    return orthonormalize(U + _newton_direction(G, H, H_noise))[0], clips, clipped
+    return step_update(U, G, H, clips, noise.z), clips, clipped
 
 
 # ----------------------------------------------------------------- the fit

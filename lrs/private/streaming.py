@@ -6,10 +6,10 @@ the device in chunks of ``chunk_users`` for every pass (``lrs.streaming``'s
 chunk computation is a jitted call of the in-memory fit's own functions
 (``moment_norms``, ``moment_sum``, ``step_norms``, ``step_sums``,
 ``peruser.per_user_step`` with the rescue off, so each user's fit is local);
-the releases (``_clip_level``, ``mechanism.clip_weights``, the batch,
-``mechanism.noisy_sum``, ``_newton_direction``, ``orthonormalize``) run once
-per release on the ``(t, s)`` norms and the summed statistics, with the keys
-split as in ``_fit_program``. So the released U and the privacy record are
+the releases (``init_weights``, ``init_release``, ``step_weights``,
+``step_noise``, ``step_update``: the same functions the in-memory program
+calls) run once per release on the ``(t, s)`` norms and the summed
+statistics, with the same keys. So the released U and the privacy record are
 those of :func:`lrs.private.fit` with the same key, up to the summation order.
 
 Passes over the data: the private initialization takes two (norms, then the
@@ -33,10 +33,8 @@ import numpy as np
 from lrs import metrics, peruser
 from lrs.config import AMHTConfig
 from lrs.data import UserData
-from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows
 from lrs.private import algorithm as alg
-from lrs.private import mechanism as mech
 from lrs.private.config import DPConfig
 from lrs.streaming import _drain, _error_chunk, _rows_count, _Stream
 from lrs.validation import check_truth
@@ -77,53 +75,20 @@ def _step_sums_chunk(X, y, mask, v, support, b, w, U, config):
 # ---------------------------------------------------- releases (on the norms)
 
 
-@functools.partial(jax.jit, static_argnames=("quantile", "non_private"))
-def _init_clip(key, norms, noise, quantile, non_private):
-    """As the first half of ``_private_init``: ``(clip, weights (t,))``."""
-    k_hist, _ = jax.random.split(key)
-    clip = alg._clip_level(
-        k_hist, norms[:, None], noise.clip_moment[None], noise, quantile
-    )[0]
-    weights = jnp.ones_like(norms)
-    if not non_private:
-        weights = mech.clip_weights(norms[:, None], clip[None])
-    return clip, weights
-
-
-@functools.partial(jax.jit, static_argnames=("rank",))
-def _init_release(key, M, clip, noise, rank):
-    """As the second half of ``_private_init``: the released ``U_0``."""
-    _, k_noise = jax.random.split(key)
-    M = mech.noisy_sum(k_noise, M, clip, noise.z, symmetric=True)
-    _, vectors = jnp.linalg.eigh(M)
-    return orthonormalize(vectors[:, ::-1][:, :rank])[0]
-
-
-@functools.partial(jax.jit, static_argnames=("quantile", "batch", "non_private"))
-def _step_clip(key, norms, dtype_like, noise, quantile, batch, non_private):
-    """As ``_step_statistics`` up to the sums: ``(clips, weights, clipped)``."""
-    t = norms.shape[0]
-    k_hist, _, _, k_batch = jax.random.split(key, 4)
-    clips = alg._clip_level(k_hist, norms, noise.clip_step, noise, quantile)
-    weights = jnp.ones((t,), dtype_like.dtype)
-    if not non_private:
-        weights = mech.clip_weights(norms, clips)
-    clipped = jnp.mean(weights < 1)
-    if batch < t:
-        chosen = jax.random.permutation(k_batch, t)[:batch]
-        in_batch = jnp.zeros((t,), dtype_like.dtype).at[chosen].set(1, mode="drop")
-        weights = weights * in_batch
-    return clips, weights, clipped
+# The in-memory fit's own pieces, each compiled once (the passes between them
+# stream the users).
+_init_clip = jax.jit(alg.init_weights, static_argnames=("quantile", "non_private"))
+_init_release = jax.jit(alg.init_release, static_argnames=("rank",))
+_step_clip = jax.jit(
+    alg.step_weights, static_argnames=("quantile", "batch", "non_private")
+)
 
 
 @jax.jit
-def _step_release(key, U, G, H, clips, noise):
-    """As the rest of ``_shared_release``: the released ``U``."""
-    _, k_G, k_H, _ = jax.random.split(key, 4)
-    G = mech.noisy_sum(k_G, G, clips[0], noise.z)
-    H = mech.noisy_sum(k_H, H, clips[1], noise.z, symmetric=True)
-    H_noise = 2 * noise.z * clips[1]
-    return orthonormalize(U + alg._newton_direction(G, H, H_noise))[0]
+def _step_release(key, U, G, H, clips, z):
+    """The noise of a step and the released ``U``."""
+    G, H = alg.step_noise(key, G, H, clips, z)
+    return alg.step_update(U, G, H, clips, z)
 
 
 # ---------------------------------------------------------------- the passes
@@ -255,7 +220,7 @@ def fit_streamed(
             lambda X, y, mask, w: _moment_sum_chunk(X, y, mask, w, config),
             np.asarray(w),
         )
-        U = _init_release(k_init, M, clip_moment, noise, config.rank)
+        U = _init_release(k_init, M, clip_moment, noise.z, config.rank)
     else:
         U = alg._initial_U0(prepared, key, d, dtype)
     fits = _Fits(t, config.rank, config.sparsity, dtype)
@@ -266,14 +231,14 @@ def fit_streamed(
     for i in range(steps):
         step_key = jax.random.fold_in(k_steps, i)
         clips, w, clipped = _step_clip(
-            step_key, jnp.asarray(fits.norms), U, noise, quantile, batch, non_private
+            step_key, jnp.asarray(fits.norms), noise, quantile, batch, non_private
         )
 
         def part(X, y, mask, v, support, b, w, U=U):
             return _step_sums_chunk(X, y, mask, v, support, b, w, U, config)
 
         G, H = stream.total(part, fits.v, fits.support, fits.b, np.asarray(w))
-        U_old, U = U, _step_release(step_key, U, G, H, clips, noise)
+        U_old, U = U, _step_release(step_key, U, G, H, clips, noise.z)
         _per_user_pass(stream, fits, U, config, norms=i + 1 < steps, cold=False)
         clips = tuple(map(float, np.asarray(clips)))
         rows.append(_record(stream, fits, U_old, U, clips, clipped, num, truth))

@@ -9,8 +9,10 @@ from lrs.config import AMHTConfig
 from lrs.data import UserData, _as_real_array, _check_finite
 
 
-def check_data(data, config: AMHTConfig, *, name: str = "data") -> UserData:
-    """Validates ``data`` against ``config``; returns it, converted if needed.
+def check_layout(data, config: AMHTConfig, *, name: str = "data") -> UserData:
+    """Checks the public facts of ``data``: type, shapes, dtypes, rank and
+    sparsity against ``d``. Never reads the values (the private fits accept
+    any values; :func:`check_data` adds the value checks of the other fits).
 
     Never modifies ``data``: integer arrays are converted into new arrays.
     """
@@ -31,15 +33,27 @@ def check_data(data, config: AMHTConfig, *, name: str = "data") -> UserData:
         )
     if mask.dtype != bool:
         raise ValueError(f"{name}.mask must be boolean; got {mask.dtype}")
-    _check_finite_by_rows(X, f"{name}.X")
-    _check_finite_by_rows(y, f"{name}.y")
     if not config.rank < d:
         raise ValueError(f"rank must be < d = {d}; got {config.rank}")
     if not config.sparsity < d:
         raise ValueError(f"sparsity must be < d = {d}; got {config.sparsity}")
+    y = y.astype(X.dtype) if y.dtype != X.dtype else y
+    return UserData(X, y, mask)
+
+
+def check_data(data, config: AMHTConfig, *, name: str = "data") -> UserData:
+    """Validates ``data`` against ``config``; returns it, converted if needed.
+
+    :func:`check_layout`, then: every value finite and every user with at
+    least ``rank + sparsity`` samples (times ``fresh_samples``). Never
+    modifies ``data``: integer arrays are converted into new arrays.
+    """
+    data = check_layout(data, config, name=name)
+    _check_finite_by_rows(data.X, f"{name}.X")
+    _check_finite_by_rows(data.y, f"{name}.y")
     batches = max(config.fresh_samples, 1)
     need = (config.rank + config.sparsity) * batches
-    counts = np.asarray(mask.sum(axis=1))
+    counts = np.asarray(data.mask.sum(axis=1))
     short = np.flatnonzero(counts < need)
     if short.size:
         shown = ", ".join(f"user {i} ({counts[i]})" for i in short[:10])
@@ -49,8 +63,7 @@ def check_data(data, config: AMHTConfig, *, name: str = "data") -> UserData:
             f"{name}: {short.size} user(s) have fewer samples than rank + sparsity"
             f"{per}: {shown}{more}"
         )
-    y = y.astype(X.dtype) if y.dtype != X.dtype else y
-    return UserData(X, y, mask)
+    return data
 
 
 # Bytes of a host array checked at a time by _check_finite_by_rows.

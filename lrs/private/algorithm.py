@@ -6,13 +6,16 @@ repeat T times:
   G, H <- noisy clipped sums of X_i^T res_i v_i^T and m_i v_i v_i^T
   U    <- orth(U + G H^-1)                       (released)
   V,B  <- per user, locally
+
+The noise of every release is drawn in float64 from the secret key before
+the program runs (:func:`lrs.private.mechanism.draw_noise`); a public
+``U_0`` (``init='random'``) comes from a separate public seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -22,320 +25,57 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from lrs import metrics, peruser, sharding
-from lrs.chunking import map_user_chunks
 from lrs.config import AMHTConfig
 from lrs.data import UserData
-from lrs.errors import FitError
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows
 from lrs.params import weights as dense_weights
 from lrs.private import accounting
 from lrs.private import mechanism as mech
 from lrs.private.config import DPConfig
-from lrs.sharding import UserAxis, first_user, psum
-from lrs.shared import sparse_predictions
-from lrs.validation import check_data, check_init, check_truth
-
-
-@dataclasses.dataclass(frozen=True)
-class PrivacyRecord:
-    """What was spent, and how: the public part of the diagnostics.
-
-    ``epsilon`` is the epsilon spent at ``delta`` over ``compositions``
-    Gaussian releases, computed by ``accountant`` for the noise multiplier
-    actually used; ``non_private=True`` marks the debugging mode (no noise, no
-    clipping, epsilon infinite: nothing may be released).
-    """
-
-    non_private: bool
-    epsilon: float
-    epsilon_target: float | None
-    delta: float | None
-    noise_multiplier: float
-    histogram_noise_multiplier: float
-    compositions: int
-    steps: int
-    accountant: str
-    neighbouring_relation: str
-    sampling_rate: float
-    batch_size: int
-    clip_quantile: float | None
-    clip_moment: float | None
-    clip_gradient: tuple[float, ...]
-    clip_gram: tuple[float, ...]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-class PrivateDiagnostics(NamedTuple):
-    """Per-iteration diagnostics (entry 0: initialization) and the record.
-
-    Only ``privacy`` and the clip levels are released quantities; the other
-    fields are computed from raw data for experiments.
-    """
-
-    loss: np.ndarray  # mean squared training residual
-    u_change: np.ndarray  # subspace distance between successive released U
-    relative_error: np.ndarray  # against ``truth`` (NaN without)
-    subspace_distance: np.ndarray  # against ``truth`` (NaN without)
-    clipped_fraction: np.ndarray  # users whose contribution was scaled down
-    privacy: PrivacyRecord
-
-
-class NoiseLevels(NamedTuple):
-    """The noise and clip levels of a fit (traced arguments of the jitted fit)."""
-
-    z: jax.Array  # statistic noise multiplier (0: none)
-    z_histogram: jax.Array
-    clip_moment: jax.Array  # NaN: choose privately
-    clip_step: jax.Array  # (2,) for (G, H); NaN: choose privately
-
-
-# ------------------------------------------------------------- statistics
-
-
-def _masked(data: UserData):
-    X = jnp.where(data.mask[..., None], data.X, 0)
-    return X, jnp.where(data.mask, data.y, 0)
-
-
-def _moment_vectors(X, y, mask) -> jax.Array:
-    """``(c, d)`` a_i = X_i^T y_i / m_i."""
-    count = jnp.maximum(jnp.sum(mask, axis=1), 1).astype(X.dtype)
-    return jnp.einsum("cmd,cm->cd", X, y) / count[:, None]
-
-
-def moment_norms(data: UserData, chunk: int | None) -> jax.Array:
-    """``(t,)`` Frobenius norms ``||a_i a_i^T|| = ||a_i||^2``."""
-
-    def fn(args, fresh):
-        X, y, mask = args
-        a = _moment_vectors(*_masked(UserData(X, y, mask)), mask)
-        return jnp.sum(a * a, axis=1), None
-
-    return map_user_chunks(fn, tuple(data), chunk)[0]
-
-
-def moment_sum(data: UserData, weights, chunk: int | None, *, axis=None) -> jax.Array:
-    """``(d, d)`` ``sum_i w_i a_i a_i^T`` (over all devices' users with ``axis``)."""
-
-    def fn(args, fresh):
-        X, y, mask, w = args
-        a = _moment_vectors(*_masked(UserData(X, y, mask)), mask)
-        return None, jnp.einsum("cd,ce->de", a * (w * fresh)[:, None], a)
-
-    return map_user_chunks(fn, (*data, weights), chunk, axis=axis)[1]
-
-
-def user_statistics(X, y, mask, U, fit: peruser.UserFit):
-    """Per-user ``G_i = X_i^T res_i v_i^T (c, d, r)`` and ``H_i = m_i v_i v_i^T``."""
-    X = jnp.where(mask[..., None], X, 0)
-    pred = jnp.einsum("cmd,dr,cr->cm", X, U, fit.v) + sparse_predictions(
-        X, fit.support, fit.b
-    )
-    res = jnp.where(mask, y - pred, 0)
-    G = jnp.einsum("cmd,cm,cr->cdr", X, res, fit.v)
-    count = jnp.sum(mask, axis=1).astype(X.dtype)
-    H = count[:, None, None] * fit.v[:, :, None] * fit.v[:, None, :]
-    return G, H
-
-
-def _frobenius(a) -> jax.Array:
-    return jnp.sqrt(jnp.sum(a * a, axis=tuple(range(1, a.ndim))))
-
-
-def step_norms(data: UserData, U, fits: peruser.UserFit, chunk) -> jax.Array:
-    """``(t, 2)`` Frobenius norms of each user's ``(G_i, H_i)``."""
-
-    def fn(args, fresh):
-        X, y, mask, fit = args
-        G, H = user_statistics(X, y, mask, U, fit)
-        return jnp.stack([_frobenius(G), _frobenius(H)], axis=1), None
-
-    return map_user_chunks(fn, (*data, fits), chunk)[0]
-
-
-def step_sums(data: UserData, U, fits: peruser.UserFit, weights, chunk, *, axis=None):
-    """``(sum_i w_i G_i, sum_i w_i H_i)``, shapes ``(d, r)`` and ``(r, r)``.
-
-    With ``axis`` (inside ``shard_map``) the sums run over all devices' users.
-    """
-
-    def fn(args, fresh):
-        X, y, mask, fit, w = args
-        G, H = user_statistics(X, y, mask, U, fit)
-        w = w * fresh
-        return None, (jnp.einsum("cdr,c->dr", G, w), jnp.einsum("crs,c->rs", H, w))
-
-    return map_user_chunks(fn, (*data, fits, weights), chunk, axis=axis)[1]
-
-
-# ------------------------------------------------------------ the releases
-
-
-def _valid(t_local: int, axis: UserAxis | None):
-    """``(t_local,)`` True for this device's real users; None on one device."""
-    if axis is None:
-        return None
-    return first_user(t_local, axis) + jnp.arange(t_local) < axis.num_users
-
-
-def _clip_level(key, norms, fixed, noise: NoiseLevels, quantile, axis=None):
-    """Fixed clip levels, or the private ``quantile`` of ``norms (t, s)`` per column.
-
-    With ``axis``, ``norms`` are this device's users and the quantile's counts
-    are summed over all devices before the noise (the same on every device).
-    """
-    chosen = mech.private_quantile(
-        key,
-        norms,
-        quantile,
-        2 * noise.z_histogram,
-        valid=_valid(norms.shape[0], axis),
-        axis=axis,
-    )
-    return jnp.where(jnp.isnan(fixed), chosen.astype(norms.dtype), fixed)
-
-
-def init_weights(key, norms, noise, quantile, non_private: bool, axis=None):
-    """The initialization's clip level and ``(t,)`` clip weights from the
-    ``(t,)`` moment norms (the noisy quantile uses the first half of ``key``)."""
-    k_hist, _ = jax.random.split(key)
-    clip = _clip_level(
-        k_hist, norms[:, None], noise.clip_moment[None], noise, quantile, axis
-    )[0]
-    weights = jnp.ones_like(norms)
-    if not non_private:
-        weights = mech.clip_weights(norms[:, None], clip[None])
-    return clip, weights
-
-
-def init_release(key, M, clip, z, rank: int):
-    """The released ``U_0 (d, r)`` from the clipped moment sum ``M (d, d)``
-    (its noise uses the second half of ``key``)."""
-    _, k_noise = jax.random.split(key)
-    M = mech.noisy_sum(k_noise, M, clip, z, symmetric=True)
-    _, vectors = jnp.linalg.eigh(M)
-    return orthonormalize(vectors[:, ::-1][:, :rank])[0]
-
-
-def _private_init(
-    data, config, key, noise, quantile, chunk, non_private: bool, axis=None
-):
-    """Released ``U_0 (d, r)`` and the moment clip level used."""
-    norms = moment_norms(data, chunk)
-    clip, weights = init_weights(key, norms, noise, quantile, non_private, axis)
-    M = moment_sum(data, weights, chunk, axis=axis)  # summed over devices
-    return init_release(key, M, clip, noise.z, config.rank), clip
-
-
-def _newton_direction(G, H, noise_std) -> jax.Array:
-    """``G H^-1``, H's eigenvalues floored where its noise could flip them.
-
-    The floor is the larger of 1e-6 of H's largest eigenvalue magnitude and
-    twice the typical spectral norm of H's symmetric noise, ``2 sqrt(r)
-    noise_std``: a function of released values only (post-processing).
-    """
-    lam, Q = jnp.linalg.eigh((H + H.T) / 2)
-    r = H.shape[0]
-    floor = jnp.maximum(1e-6 * jnp.max(jnp.abs(lam)), 2 * math.sqrt(r) * noise_std)
-    lam = jnp.maximum(lam, jnp.maximum(floor, jnp.finfo(H.dtype).tiny))
-    return (G @ Q / lam) @ Q.T
-
-
-def noisy_step_statistics(
-    data, U, fits, key, noise, quantile, batch, chunk, non_private
-):
-    """The Gaussian release of one shared step, before post-processing.
-
-    Returns ``(G (d, r), H (r, r), clips (2,), clipped_fraction)``: the noisy
-    clipped sums of ``G_i`` and ``H_i`` and the clip levels used. Only
-    ``clipped_fraction`` is not released. :mod:`lrs.audit` audits this
-    function on its own.
-    """
-    return _step_statistics(
-        data, U, fits, key, noise, quantile, batch, chunk, non_private
-    )
-
-
-def _step_statistics(
-    data, U, fits, key, noise, quantile, batch, chunk, non_private, axis=None
-):
-    """:func:`noisy_step_statistics`; with ``axis``, on this device's users.
-
-    Sharded, every sum (the quantile's counts, ``G``, ``H``) is reduced over
-    the devices before its noise is added, the noise and the batch come from
-    the same key on every device, and the release equals the single-device one
-    up to the summation order.
-    """
-    norms = step_norms(data, U, fits, chunk)
-    clips, weights, clipped = step_weights(
-        key, norms, noise, quantile, batch, non_private, axis
-    )
-    G, H = step_sums(data, U, fits, weights, chunk, axis=axis)
-    G, H = step_noise(key, G, H, clips, noise.z)
-    return G, H, clips, clipped
-
-
-def step_weights(key, norms, noise, quantile, batch, non_private, axis=None):
-    """A step's clip levels, ``(t,)`` weights (clipping and batch) and clipped
-    fraction, from the ``(t, 2)`` norms of ``(G_i, H_i)``; with ``axis``, this
-    device's users. Uses the first and fourth quarter of ``key``."""
-    t_local = norms.shape[0]
-    t = t_local if axis is None else axis.num_users
-    k_hist, _, _, k_batch = jax.random.split(key, 4)
-    clips = _clip_level(k_hist, norms, noise.clip_step, noise, quantile, axis)
-    weights = jnp.ones((t_local,), norms.dtype)
-    if not non_private:
-        weights = mech.clip_weights(norms, clips)
-    if axis is None:
-        clipped = jnp.mean(weights < 1)
-    else:
-        scaled = (weights < 1) & _valid(t_local, axis)
-        clipped = psum(jnp.sum(scaled, dtype=jnp.int32), axis) / t
-    if batch < t:
-        # The batch is drawn over all t users, as on one device; each device
-        # keeps the chosen users it holds.
-        chosen = jax.random.permutation(k_batch, t)[:batch]
-        if axis is not None:
-            local = chosen - first_user(t_local, axis)
-            mine = (local >= 0) & (local < t_local)
-            chosen = jnp.where(mine, local, t_local)
-        in_batch = jnp.zeros((t_local,), norms.dtype).at[chosen].set(1, mode="drop")
-        weights = weights * in_batch
-    return clips, weights, clipped
-
-
-def step_noise(key, G, H, clips, z):
-    """The noisy ``(G, H)`` of a step (the second and third quarter of ``key``)."""
-    _, k_G, k_H, _ = jax.random.split(key, 4)
-    G = mech.noisy_sum(k_G, G, clips[0], z)
-    H = mech.noisy_sum(k_H, H, clips[1], z, symmetric=True)
-    return G, H
-
-
-def step_update(U, G, H, clips, z):
-    """The released ``U <- orth(U + G H^-1)`` from the noisy ``(G, H)``."""
-    H_noise = 2 * z * clips[1]
-    return orthonormalize(U + _newton_direction(G, H, H_noise))[0]
-
-
-def _shared_release(
-    data, U, fits, key, noise, quantile, batch, chunk, non_private, axis=None
-):
-    """One private shared step: ``(U_new, clips (2,), clipped_fraction)``."""
-    G, H, clips, clipped = _step_statistics(
-        data, U, fits, key, noise, quantile, batch, chunk, non_private, axis
-    )
-    return step_update(U, G, H, clips, noise.z), clips, clipped
+from lrs.private.releases import (  # noqa: F401  (re-exported for lrs.audit)
+    NoiseLevels,
+    init_release,
+    init_weights,
+    noisy_step_statistics,
+    release_init,
+    release_step_statistics,
+    step_noise,
+    step_update,
+    step_weights,
+    valid_users,
+)
+from lrs.private.result import (
+    NonPrivateDiagnostics,
+    PrivacyRecord,
+    PrivateDiagnostics,
+    Transcript,
+    finish,
+)
+from lrs.private.statistics import (  # noqa: F401
+    local_outputs,
+    moment_norms,
+    moment_sum,
+    step_norms,
+    step_sums,
+    usable_users,
+    user_statistics,
+)
+from lrs.sharding import UserAxis, psum
+from lrs.validation import check_init, check_layout, check_truth
+
+__all__ = [
+    "NonPrivateDiagnostics",
+    "PrivacyRecord",
+    "PrivateDiagnostics",
+    "Transcript",
+    "fit",
+    "noise_multiplier",
+    "plan_for",
+]
 
 
 # ----------------------------------------------------------------- the fit
-
-
-def _params(U, fits: peruser.UserFit, d: int) -> LRSParams:
-    return LRSParams(U, fits.v, SparseRows(fits.support, fits.b, d))
 
 
 def _fit_program(
@@ -345,69 +85,98 @@ def _fit_program(
     U0,
     truth,
     noise,
-    quantile,
+    draws,
     batch,
     non_private,
     private_init,
     axis=None,
 ):
-    """The whole private fit; with ``axis``, inside ``shard_map`` on one device."""
-    _, _, d = data.X.shape
+    """The whole private fit; with ``axis``, inside ``shard_map`` on one device.
+
+    ``key`` is the secret key (only the batches use it here: the noise comes
+    in ``draws``). Returns ``(params, excluded, history, released)``.
+    """
+    t_local, _, d = data.X.shape
     chunk = peruser.chunk_size(data, config)
-    k_init, k_steps = jax.random.split(key)
+    data, eligible = usable_users(data, config.rank + config.sparsity)
+    nan = jnp.full((), jnp.nan, data.X.dtype)
+    moment = None
     if private_init:
-        U, clip_moment = _private_init(
-            data, config, k_init, noise, quantile, chunk, non_private, axis
+        U, clip_moment, moment = release_init(
+            data, eligible, config, noise, draws, chunk, non_private, axis
         )
     else:
-        U, clip_moment = U0, jnp.full((), jnp.nan, data.X.dtype)
+        U, clip_moment = U0, nan
     fits = peruser.per_user_step(data, U, None, config, axis=axis)
-    num = psum(jnp.sum(data.mask), axis)
-    nan = jnp.full((), jnp.nan, U.dtype)
-    valid = _valid(data.X.shape[0], axis)
+    num = jnp.maximum(psum(jnp.sum(data.mask), axis), 1)
+    valid = valid_users(t_local, axis)
 
-    def error(params):
-        if axis is None:
-            return metrics.relative_error(params, truth)
+    def error(U, V, B):
         W_star = dense_weights(truth)
-        diff = jnp.where(valid[:, None], dense_weights(params) - W_star, 0)
+        diff = dense_weights(LRSParams(U, V, B)) - W_star
+        if valid is not None:
+            diff = jnp.where(valid[:, None], diff, 0)
         num, den = psum((jnp.sum(diff * diff), jnp.sum(W_star * W_star)), axis)
         return jnp.sqrt(num) / jnp.sqrt(den)
 
-    def record(U_old, U, fits, clips, clipped):
-        params = _params(U, fits, d)
+    def record(U_old, U, fits, G, H, clips, clipped):
+        V, B, excluded = local_outputs(fits, eligible, d)
         have = truth is not None
+        sq = jnp.where(excluded, 0, fits.sq_residual)
         return dict(
-            loss=psum(jnp.sum(fits.sq_residual), axis) / num,
             u_change=nan if U_old is None else metrics.subspace_distance(U_old, U),
-            relative_error=error(params) if have else nan,
             subspace_distance=metrics.subspace_distance(U, truth.U) if have else nan,
-            clipped_fraction=clipped,
             clip_gradient=clips[0],
             clip_gram=clips[1],
+            loss=psum(jnp.sum(sq), axis) / num,
+            relative_error=error(U, V, B) if have else nan,
+            clipped_fraction=clipped,
+            U=U,
+            G=G,
+            H=H,
         )
 
-    first = record(None, U, fits, jnp.full((2,), jnp.nan, U.dtype), nan)
+    none_G, none_H = jnp.full_like(U, jnp.nan), jnp.full((U.shape[1],) * 2, nan)
+    first = record(None, U, fits, none_G, none_H, jnp.full((2,), nan), nan)
     history = jax.tree.map(
-        lambda a: jnp.zeros((config.num_iters + 1,), a.dtype).at[0].set(a), first
+        lambda a: jnp.zeros((config.num_iters + 1, *a.shape), a.dtype).at[0].set(a),
+        first,
     )
 
     def body(i, carry):
         U, fits, history = carry
-        key = jax.random.fold_in(k_steps, i)
-        U_new, clips, clipped = _shared_release(
-            data, U, fits, key, noise, quantile, batch, chunk, non_private, axis
+        G, H, clips, clipped = release_step_statistics(
+            data,
+            eligible,
+            U,
+            fits,
+            mech.step_draws(draws, i),
+            mech.batch_key(key, i),
+            noise,
+            batch,
+            chunk,
+            non_private,
+            axis,
         )
+        U_new = step_update(U, G, H, clips, noise.z)
         fits = peruser.per_user_step(data, U_new, fits.support, config, axis=axis)
-        entry = record(U, U_new, fits, clips, clipped)
+        entry = record(U, U_new, fits, G, H, clips, clipped)
         history = jax.tree.map(lambda h, a: h.at[i + 1].set(a), history, entry)
         return U_new, fits, history
 
     U, fits, history = jax.lax.fori_loop(0, config.num_iters, body, (U, fits, history))
-    return _params(U, fits, d), history, clip_moment
+    V, B, excluded = local_outputs(fits, eligible, d)
+    released = dict(
+        U=history.pop("U"),
+        G=history.pop("G")[1:],
+        H=history.pop("H")[1:],
+        moment=moment,
+        clip_moment=clip_moment,
+    )
+    return LRSParams(U, V, B), excluded, history, released
 
 
-_STATIC = ("config", "quantile", "batch", "non_private", "private_init")
+_STATIC = ("config", "batch", "non_private", "private_init")
 _fit = jax.jit(_fit_program, static_argnames=(*_STATIC, "axis"))
 
 
@@ -419,7 +188,7 @@ def _fit_sharded(
     U0,
     truth,
     noise,
-    quantile,
+    draws,
     batch,
     non_private,
     private_init,
@@ -432,7 +201,7 @@ def _fit_sharded(
     params_spec = LRSParams(every, users, users)
     truth_spec = None if truth is None else params_spec
 
-    def local(data, key, U0, truth, noise):
+    def local(data, key, U0, truth, noise, draws):
         return _fit_program(
             data,
             config,
@@ -440,7 +209,7 @@ def _fit_sharded(
             U0,
             truth,
             noise,
-            quantile,
+            draws,
             batch,
             non_private,
             private_init,
@@ -450,11 +219,11 @@ def _fit_sharded(
     run = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(users, every, every, truth_spec, every),
-        out_specs=(params_spec, every, every),
+        in_specs=(users, every, every, truth_spec, every, every),
+        out_specs=(params_spec, users, every, every),
         check_vma=False,
     )
-    return run(data, key, U0, truth, noise)
+    return run(data, key, U0, truth, noise, draws)
 
 
 def _check_config(config, dp_config) -> AMHTConfig:
@@ -537,9 +306,13 @@ class Prepared(NamedTuple):
 
 
 def prepare(data: UserData, config: AMHTConfig, dp_config: DPConfig):
-    """Checks the arguments and calibrates the noise: ``(Prepared, data)``."""
+    """Checks the arguments and calibrates the noise: ``(Prepared, data)``.
+
+    Only public facts are checked (types, shapes, the configuration): the
+    values of the data never refuse a private fit (:func:`usable_users`).
+    """
     config = _check_config(config, dp_config)
-    data = check_data(data, config)
+    data = check_layout(data, config)
     t, _, d = data.X.shape
     dtype = data.X.dtype
     init_U = None
@@ -574,51 +347,110 @@ def prepare(data: UserData, config: AMHTConfig, dp_config: DPConfig):
     return prepared, data
 
 
-def run_prepared(data: UserData, prepared: Prepared, key, truth=None):
+_draw_noise = jax.jit(mech.draw_noise, static_argnames=("steps", "d", "r"))
+
+
+def draw_noise(prepared: Prepared, key, t: int, d: int, dtype) -> mech.NoiseDraws:
+    """The fit's noise, drawn in float64 from ``key`` and cast to ``dtype``.
+
+    Runs under ``jax.enable_x64(True)``; inside a traced function (the audit's
+    ``vmap`` over keys) 64-bit types must already be enabled.
+    """
+    with jax.enable_x64(True):
+        draws = _draw_noise(
+            key,
+            steps=prepared.config.num_iters,
+            d=d,
+            r=prepared.config.rank,
+            num_users=t,
+            quantile=prepared.quantile,
+            z_histogram=prepared.noise.z_histogram,
+        )
+        return jax.tree.map(
+            lambda a: a if a.dtype == jnp.int32 else a.astype(dtype), draws
+        )
+
+
+def run_prepared(data: UserData, prepared: Prepared, key, truth=None, public_seed=0):
     """The jitted fit of :func:`prepare`'d arguments (traceable in ``key``).
 
-    Returns ``(params, history, clip_moment)``.
+    Returns ``(params, excluded, history, released)``.
     """
-    return _run(data, prepared, key, truth)
+    return _run(data, prepared, key, truth, public_seed=public_seed)
 
 
-def _initial_U0(prepared: Prepared, key, d: int, dtype) -> jax.Array:
+def public_init(rank: int, d: int, dtype, public_seed: int) -> jax.Array:
+    """The public random ``U_0 (d, r)`` of ``init='random'``: from
+    ``public_seed`` alone, never from the secret key."""
+    U0 = jax.random.normal(jax.random.key(public_seed), (d, rank), dtype)
+    return orthonormalize(U0)[0]
+
+
+def initial_U(prepared: Prepared, public_seed: int, d: int, dtype) -> jax.Array:
     """The public starting ``U (d, r)``: given, random, or zeros (unused)."""
     config = prepared.config
     if prepared.init_U is not None:
         return prepared.init_U
     if config.init == "random":
-        U0 = jax.random.normal(jax.random.fold_in(key, 1), (d, config.rank), dtype)
-        return orthonormalize(U0)[0]
+        return public_init(config.rank, d, dtype, public_seed)
     return jnp.zeros((d, config.rank), dtype)
 
 
-def _run(data: UserData, prepared: Prepared, key, truth=None, mesh=None):
+def _run(
+    data: UserData, prepared: Prepared, key, truth=None, mesh=None, *, public_seed=0
+):
     """:func:`run_prepared`, with the users split over ``mesh`` if given.
 
     Sharded, ``data`` (and ``truth``) are padded and placed here and the
     results come back whole on the default device, without the padding.
     """
     t, _, d = data.X.shape
+    dtype = data.X.dtype
     config = prepared.config
-    U0 = _initial_U0(prepared, key, d, data.X.dtype)
-    args = (
-        prepared.noise,
-        prepared.quantile,
-        prepared.batch,
-        prepared.non_private,
-        prepared.private_init,
-    )
+    U0 = initial_U(prepared, public_seed, d, dtype)
+    draws = draw_noise(prepared, key, t, d, dtype)
+    args = (prepared.batch, prepared.non_private, prepared.private_init)
     if mesh is None:
-        return _fit(data, config, key, U0, truth, *args)
+        return _fit(data, config, key, U0, truth, prepared.noise, draws, *args)
     data = sharding.shard_data(data, mesh)
     if truth is not None:
         truth = sharding.shard_truth(truth, mesh)
-    out = _fit_sharded(data, config, key, U0, truth, *args, mesh, t)
-    params, history, clip_moment = jax.tree.map(sharding.gathered, out)
+    out = _fit_sharded(
+        data, config, key, U0, truth, prepared.noise, draws, *args, mesh, t
+    )
+    params, excluded, history, released = jax.tree.map(sharding.gathered, out)
     B = params.B
     B = SparseRows(B.indices[:t], B.values[:t], B.dim)
-    return LRSParams(params.U, params.V[:t], B), history, clip_moment
+    return LRSParams(params.U, params.V[:t], B), excluded[:t], history, released
+
+
+def check_key(key, name: str = "key"):
+    """The secret key of a private fit: required, a ``jax.random`` key.
+
+    Raises:
+      ValueError: if ``key`` is None or not a single ``jax.random`` key.
+    """
+    if key is None:
+        raise ValueError(
+            f"{name} is required: the private fit's noise comes from it, so it "
+            "must be secret and fresh (e.g. jax.random.key(secrets.randbits(63)), "
+            "never reused); without noise epsilon is infinite"
+        )
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == np.uint32 and np.shape(key) == (2,)
+    if not ((typed and np.shape(key) == ()) or raw):
+        raise ValueError(
+            f"{name} must be one jax.random key (jax.random.key(seed)); got "
+            f"{type(key).__name__} of shape {np.shape(key)}"
+        )
+    return key
+
+
+def check_public_seed(public_seed) -> int:
+    if isinstance(public_seed, bool) or not isinstance(public_seed, int | np.integer):
+        raise ValueError(f"public_seed must be an int; got {public_seed!r}")
+    return int(public_seed)
 
 
 def fit(
@@ -626,10 +458,13 @@ def fit(
     config: AMHTConfig,
     dp_config: DPConfig,
     *,
-    key=None,
+    key,
+    public_seed: int = 0,
     truth: LRSParams | None = None,
     callback: Callable[[int, dict], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    transcript: bool = False,
+    nonprivate_diagnostics: bool = False,
 ):
     """Private AMHT-LRS: user-level (epsilon, delta)-DP release of U.
 
@@ -639,88 +474,69 @@ def fit(
     global rescue of the non-private fit is off; ``u_solver``, ``cg_*`` and
     ``rescue_fraction`` of ``config`` are not used.
 
+    The data domain (docs/privacy.md, section 2.4): only public facts (types,
+    shapes, the configuration) are checked before the fit. A user with a
+    non-finite sample, fewer than ``rank + sparsity`` samples, or statistics
+    that overflow the data's dtype contributes exactly nothing and gets
+    ``v_i = 0, b_i = 0`` (``diagnostics.excluded``); no value refuses the fit.
+
     Args:
-      data: the users' data.
+      data: the users' data ``X (t, m, d)``, ``y, mask (t, m)``.
       config: an :class:`lrs.AMHTConfig` (rank, sparsity, num_iters, ...).
         ``init='moments'`` is the private initialization; ``'random'`` or an
         array (public, data-independent) release nothing.
       dp_config: a :class:`DPConfig`.
-      key: ``jax.random`` key of the noise, the initialization and the batches
-        (default ``jax.random.key(0)``). Never reuse a key across releases of
-        the same data.
-      truth: planted parameters, to track errors in the diagnostics.
+      key: the secret ``jax.random`` key of the noise and the batches
+        (required): fresh for every fit and never published, e.g.
+        ``jax.random.key(secrets.randbits(63))``. Anyone who knows it can
+        remove the noise.
+      public_seed: seed of the public random ``U_0`` of ``init='random'``
+        (default 0); separate from ``key``, since ``U_0`` is released.
+      truth: planted parameters, to track the subspace distance of the
+        released U (and, with ``nonprivate_diagnostics``, the exact error).
       callback: ``callback(iteration, info)`` after the fit, once per
-        iteration with a dict of floats (the fit is one jitted program).
+        iteration with a dict of floats (the fit is one jitted program);
+        exact values only with ``nonprivate_diagnostics``, keys prefixed
+        ``'nonprivate_'``.
       mesh: a ``jax.sharding.Mesh`` with an axis ``'users'``: the users are
         split over its devices (any ``t``) as in :func:`lrs.fit`; every
         released sum (and every count of the private quantiles) is summed
         over the devices before its noise is added, with the same noise on
         every device, so the result equals the single-device fit with the
-        same ``key`` up to rounding, and the privacy record is the same
-        (docs/scale.md, "The private fit"). ``None``: the default device.
+        same ``key`` up to rounding (docs/scale.md). ``None``: one device.
+      transcript: also return every released value (``diagnostics.transcript``).
+      nonprivate_diagnostics: also return exact training loss, error against
+        ``truth`` and clipped fraction, computed from the raw data and NOT
+        differentially private (``diagnostics.nonprivate``).
 
     Returns:
       ``(params, diagnostics)``: :class:`lrs.LRSParams` and a
       :class:`PrivateDiagnostics` whose ``privacy`` is a :class:`PrivacyRecord`.
+
+    Raises:
+      ValueError: on a missing or malformed key, bad configuration or a bad
+        data layout (never because of the data's values).
     """
+    key = check_key(key)
+    public_seed = check_public_seed(public_seed)
     if mesh is not None:
         sharding.check_mesh(mesh)
     prepared, data = prepare(data, config, dp_config)
     t, _, d = data.X.shape
     if truth is not None:
         check_truth(truth, t, d)
-    key = jax.random.key(0) if key is None else key
-    params, history, clip_moment = _run(data, prepared, key, truth, mesh)
-    return _finish(params, history, clip_moment, prepared, dp_config, t, callback)
-
-
-def _finish(params, history, clip_moment, prepared, dp_config, t: int, callback):
-    """``(params, PrivateDiagnostics)`` of a finished fit; runs ``callback``.
-
-    Raises:
-      FitError: if the released U is not finite.
-    """
-    config, plan, z = prepared.config, prepared.plan, prepared.z
-    z_h = z * dp_config.histogram_noise_ratio
-    private_init = prepared.private_init
-    history = jax.tree.map(np.asarray, history)
-    if not np.all(np.isfinite(np.asarray(params.U))):
-        raise FitError("private fit: the released U became non-finite")
-    if dp_config.non_private:
-        spent, name = math.inf, "none (non-private debugging mode)"
-    else:
-        name = dp_config.resolved_accountant
-        spent = accounting.epsilon_spent(plan, z, dp_config.delta, name)
-    no_clip = dp_config.non_private
-    record = PrivacyRecord(
-        non_private=dp_config.non_private,
-        epsilon=spent,
-        epsilon_target=dp_config.epsilon,
-        delta=dp_config.delta,
-        noise_multiplier=z,
-        histogram_noise_multiplier=z_h,
-        compositions=0 if no_clip else plan.compositions,
-        steps=config.num_iters,
-        accountant=name,
-        neighbouring_relation="replace one user's entire data set",
-        sampling_rate=dp_config.sampling_rate,
-        batch_size=batch_size(dp_config, t),
-        clip_quantile=None if no_clip else dp_config.clip_quantile,
-        clip_moment=None if no_clip or not private_init else float(clip_moment),
-        clip_gradient=()
-        if no_clip
-        else tuple(map(float, history["clip_gradient"][1:])),
-        clip_gram=() if no_clip else tuple(map(float, history["clip_gram"][1:])),
+    params, excluded, history, released = _run(
+        data, prepared, key, truth, mesh, public_seed=public_seed
     )
-    diagnostics = PrivateDiagnostics(
-        loss=history["loss"],
-        u_change=history["u_change"],
-        relative_error=history["relative_error"],
-        subspace_distance=history["subspace_distance"],
-        clipped_fraction=history["clipped_fraction"],
-        privacy=record,
+    return finish(
+        params,
+        history,
+        released,
+        excluded,
+        prepared,
+        dp_config,
+        t,
+        callback=callback,
+        transcript=transcript,
+        nonprivate_diagnostics=nonprivate_diagnostics,
     )
-    if callback is not None:
-        for i in range(config.num_iters + 1):
-            callback(i, {k: float(v[i]) for k, v in history.items()})
-    return params, diagnostics

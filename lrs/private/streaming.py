@@ -9,7 +9,8 @@ chunk computation is a jitted call of the in-memory fit's own functions
 the releases (``init_weights``, ``init_release``, ``step_weights``,
 ``step_noise``, ``step_update``: the same functions the in-memory program
 calls) run once per release on the ``(t, s)`` norms and the summed
-statistics, with the same keys. So the released U and the privacy record are
+statistics, with the same float64 noise draws (drawn before the fit) and the
+same batch keys. So the released U and the privacy record are
 those of :func:`lrs.private.fit` with the same key, up to the summation order.
 
 Passes over the data: the private initialization takes two (norms, then the
@@ -35,7 +36,9 @@ from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.params import LRSParams, SparseRows
 from lrs.private import algorithm as alg
+from lrs.private import mechanism as mech
 from lrs.private.config import DPConfig
+from lrs.private.result import finish
 from lrs.streaming import _drain, _error_chunk, _rows_count, _Stream
 from lrs.validation import check_truth
 
@@ -46,30 +49,37 @@ def _chunk(X, config) -> int:
     return config.chunk_size(X.shape[1], X.shape[2], X.dtype.itemsize)
 
 
+def _usable(X, y, mask, config):
+    return alg.usable_users(UserData(X, y, mask), config.rank + config.sparsity)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def _moment_norms_chunk(X, y, mask, config):
-    return alg.moment_norms(UserData(X, y, mask), _chunk(X, config))
+    data, eligible = _usable(X, y, mask, config)
+    return alg.moment_norms(data, _chunk(X, config)), eligible
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _moment_sum_chunk(X, y, mask, w, config):
-    return alg.moment_sum(UserData(X, y, mask), w, _chunk(X, config))
+    data, _ = _usable(X, y, mask, config)
+    return alg.moment_sum(data, w, _chunk(X, config))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "norms"))
 def _fits_chunk(X, y, mask, warm, U, config, norms: bool):
     """The chunk's per-user fits given ``U`` (cold when ``warm`` is None),
     and, if ``norms``, the next step's ``(c, 2)`` norms of ``(G_i, H_i)``."""
-    data = UserData(X, y, mask)
+    data, eligible = _usable(X, y, mask, config)
     fits = peruser.per_user_step(data, U, warm, config)
     step = alg.step_norms(data, U, fits, _chunk(X, config)) if norms else None
-    return fits, step
+    return fits, eligible, step
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _step_sums_chunk(X, y, mask, v, support, b, w, U, config):
+    data, _ = _usable(X, y, mask, config)
     fits = peruser.UserFit(v, support, b, jnp.zeros_like(w))
-    return alg.step_sums(UserData(X, y, mask), U, fits, w, _chunk(X, config))
+    return alg.step_sums(data, U, fits, w, _chunk(X, config))
 
 
 # ---------------------------------------------------- releases (on the norms)
@@ -77,18 +87,23 @@ def _step_sums_chunk(X, y, mask, v, support, b, w, U, config):
 
 # The in-memory fit's own pieces, each compiled once (the passes between them
 # stream the users).
-_init_clip = jax.jit(alg.init_weights, static_argnames=("quantile", "non_private"))
+_init_clip = jax.jit(alg.init_weights, static_argnames=("non_private",))
 _init_release = jax.jit(alg.init_release, static_argnames=("rank",))
-_step_clip = jax.jit(
-    alg.step_weights, static_argnames=("quantile", "batch", "non_private")
-)
+_step_clip = jax.jit(alg.step_weights, static_argnames=("batch", "non_private"))
 
 
 @jax.jit
-def _step_release(key, U, G, H, clips, z):
+def _step_release(draws, U, G, H, clips, z):
     """The noise of a step and the released ``U``."""
-    G, H = alg.step_noise(key, G, H, clips, z)
-    return alg.step_update(U, G, H, clips, z)
+    G, H = alg.step_noise(draws, G, H, clips, z)
+    return G, H, alg.step_update(U, G, H, clips, z)
+
+
+@functools.partial(jax.jit, static_argnames=("d",))
+def _local_outputs(v, support, b, sq_residual, eligible, d):
+    fits = peruser.UserFit(v, support, b, sq_residual)
+    V, B, excluded = alg.local_outputs(fits, eligible, d)
+    return V, B.values, excluded, jnp.where(excluded, 0, sq_residual)
 
 
 # ---------------------------------------------------------------- the passes
@@ -102,10 +117,17 @@ class _Fits:
         self.support = np.zeros((t, k), np.int32)
         self.b = np.zeros((t, k), dtype)
         self.sq_residual = np.zeros((t,), dtype)
+        self.eligible = np.zeros((t,), bool)
         self.norms = np.zeros((t, 2), dtype)  # the next step's (G_i, H_i) norms
 
     def arrays(self):
-        return (self.v, self.support, self.b, self.sq_residual)
+        return (self.v, self.support, self.b, self.sq_residual, self.eligible)
+
+    def outputs(self, d: int):
+        """Each user's own ``(V, values, excluded, masked sq_residual)``."""
+        arrays = (self.v, self.support, self.b, self.sq_residual, self.eligible)
+        out = _local_outputs(*map(jnp.asarray, arrays), d)
+        return tuple(np.asarray(a) for a in out)
 
 
 def _per_user_pass(stream: _Stream, fits: _Fits, U, config, norms: bool, cold: bool):
@@ -114,28 +136,33 @@ def _per_user_pass(stream: _Stream, fits: _Fits, U, config, norms: bool, cold: b
     pending = None
     for rows, (X, y, mask, *warm) in stream.chunks(*(() if cold else (fits.support,))):
         _drain(pending, targets)  # the previous chunk, while this one computes
-        out, step = _fits_chunk(X, y, mask, None if cold else warm[0], U, config, norms)
-        pending = (rows, _rows_count(rows), (*out, *((step,) if norms else ())))
+        out, eligible, step = _fits_chunk(
+            X, y, mask, None if cold else warm[0], U, config, norms
+        )
+        extra = (step,) if norms else ()
+        pending = (rows, _rows_count(rows), (*out, eligible, *extra))
     _drain(pending, targets)
 
 
-def _moment_norms(stream: _Stream, config) -> np.ndarray:
+def _moment_norms(stream: _Stream, config):
     norms = np.zeros((stream.t,), stream.dtype)
+    eligible = np.zeros((stream.t,), bool)
     pending = None
     for rows, (X, y, mask) in stream.chunks():
-        _drain(pending, (norms,))
-        pending = (rows, _rows_count(rows), (_moment_norms_chunk(X, y, mask, config),))
-    _drain(pending, (norms,))
-    return norms
+        _drain(pending, (norms, eligible))
+        pending = (rows, _rows_count(rows), _moment_norms_chunk(X, y, mask, config))
+    _drain(pending, (norms, eligible))
+    return norms, eligible
 
 
 def _record(stream, fits: _Fits, U_old, U, clips, clipped, num, truth) -> dict:
     """One row of the history, as ``_fit_program``'s ``record``."""
     nan = float("nan")
     error = distance = nan
+    V, values, _, sq = fits.outputs(stream.d)
     if truth is not None:
         num_e = den_e = 0.0
-        arrays = (fits.v, fits.support, fits.b)
+        arrays = (V, fits.support, values)
         arrays += (np.asarray(truth.V), np.asarray(truth.B.indices))
         arrays += (np.asarray(truth.B.values),)
         for _, (Vc, ic, bc, Vs, is_, bs) in stream.chunks(*arrays, data=False):
@@ -144,13 +171,13 @@ def _record(stream, fits: _Fits, U_old, U, clips, clipped, num, truth) -> dict:
         error = float(np.sqrt(num_e) / np.sqrt(den_e))
         distance = float(metrics.subspace_distance(U, jnp.asarray(truth.U)))
     return dict(
-        loss=float(fits.sq_residual.sum() / num),
         u_change=nan if U_old is None else float(metrics.subspace_distance(U_old, U)),
-        relative_error=error,
         subspace_distance=distance,
-        clipped_fraction=float(clipped),
         clip_gradient=float(clips[0]),
         clip_gram=float(clips[1]),
+        loss=float(sq.sum() / max(num, 1)),
+        relative_error=error,
+        clipped_fraction=float(clipped),
     )
 
 
@@ -163,9 +190,12 @@ def fit_streamed(
     dp_config: DPConfig,
     *,
     chunk_users: int,
-    key=None,
+    key,
+    public_seed: int = 0,
     truth: LRSParams | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    transcript: bool = False,
+    nonprivate_diagnostics: bool = False,
 ):
     """:func:`lrs.private.fit` with the data on the host, streamed in chunks.
 
@@ -178,9 +208,10 @@ def fit_streamed(
 
     Args:
       data: a :class:`lrs.UserData` whose arrays may be numpy or memory-mapped
-        (:meth:`lrs.UserData.from_host`); never modified, never copied whole
-        (the input check reads it on the host a block of users at a time).
-      config, dp_config, key, truth: as in :func:`lrs.private.fit`.
+        (:meth:`lrs.UserData.from_host`); never modified, never copied whole.
+      config, dp_config, key, public_seed, truth, transcript,
+        nonprivate_diagnostics: as in :func:`lrs.private.fit` (``key`` is
+        required and must be secret and fresh).
       chunk_users: users copied to the device at a time (an integer ``>= 1``;
         ``>= t`` means one chunk).
       callback: ``callback(iteration, info)`` after the fit, once per
@@ -191,9 +222,11 @@ def fit_streamed(
       array, ``V`` and ``B`` are numpy arrays on the host.
 
     Raises:
-      ValueError: on bad data, configuration or ``chunk_users``.
-      FitError: if the released U becomes non-finite.
+      ValueError: on a missing key, bad configuration, data layout or
+        ``chunk_users`` (never because of the data's values).
     """
+    key = alg.check_key(key)
+    public_seed = alg.check_public_seed(public_seed)
     if isinstance(chunk_users, bool) or not isinstance(chunk_users, int | np.integer):
         raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users!r}")
     if chunk_users < 1:
@@ -203,47 +236,73 @@ def fit_streamed(
     t, d = stream.t, stream.d
     if truth is not None:
         check_truth(truth, t, d)
-    key = jax.random.key(0) if key is None else key
-    config, noise = prepared.config, prepared.noise
-    quantile, batch = prepared.quantile, prepared.batch
+    config, noise, batch = prepared.config, prepared.noise, prepared.batch
     non_private = prepared.non_private
     dtype = stream.dtype
-    num = int(np.asarray(data.mask).sum())
+    draws = alg.draw_noise(prepared, key, t, d, dtype)
 
-    k_init, k_steps = jax.random.split(key)
     nan = jnp.full((), jnp.nan, dtype)
-    clip_moment = nan
+    clip_moment, moment = nan, None
     if prepared.private_init:
-        norms = jnp.asarray(_moment_norms(stream, config))
-        clip_moment, w = _init_clip(k_init, norms, noise, quantile, non_private)
+        norms, eligible = map(jnp.asarray, _moment_norms(stream, config))
+        clip_moment, w = _init_clip(
+            draws.init_levels, norms, eligible, noise, non_private
+        )
         M = stream.total(
             lambda X, y, mask, w: _moment_sum_chunk(X, y, mask, w, config),
             np.asarray(w),
         )
-        U = _init_release(k_init, M, clip_moment, noise.z, config.rank)
+        moment, U = _init_release(
+            M, draws.init_moment, clip_moment, noise.z, config.rank
+        )
     else:
-        U = alg._initial_U0(prepared, key, d, dtype)
+        U = alg.initial_U(prepared, public_seed, d, dtype)
     fits = _Fits(t, config.rank, config.sparsity, dtype)
     steps = config.num_iters
     _per_user_pass(stream, fits, U, config, norms=steps > 0, cold=True)
+    num = int(np.asarray(fits.eligible[:, None] & np.asarray(data.mask)).sum())
     nans = (float("nan"),) * 2
     rows = [_record(stream, fits, None, U, nans, float("nan"), num, truth)]
+    released = dict(U=[U], G=[], H=[], moment=moment, clip_moment=clip_moment)
     for i in range(steps):
-        step_key = jax.random.fold_in(k_steps, i)
         clips, w, clipped = _step_clip(
-            step_key, jnp.asarray(fits.norms), noise, quantile, batch, non_private
+            draws.step_levels[i],
+            mech.batch_key(key, i),
+            jnp.asarray(fits.norms),
+            jnp.asarray(fits.eligible),
+            noise,
+            batch,
+            non_private,
         )
 
         def part(X, y, mask, v, support, b, w, U=U):
             return _step_sums_chunk(X, y, mask, v, support, b, w, U, config)
 
         G, H = stream.total(part, fits.v, fits.support, fits.b, np.asarray(w))
-        U_old, U = U, _step_release(step_key, U, G, H, clips, noise.z)
+        step = mech.step_draws(draws, i)
+        G, H, U_new = _step_release(step, U, G, H, clips, noise.z)
+        U_old, U = U, U_new
         _per_user_pass(stream, fits, U, config, norms=i + 1 < steps, cold=False)
         clips = tuple(map(float, np.asarray(clips)))
         rows.append(_record(stream, fits, U_old, U, clips, clipped, num, truth))
+        for name, value in (("U", U), ("G", G), ("H", H)):
+            released[name].append(value)
     history = {k: np.asarray([row[k] for row in rows]) for k in rows[0]}
-    params = LRSParams(
-        U, fits.v.copy(), SparseRows(fits.support.copy(), fits.b.copy(), d)
+    r = config.rank
+    for name, shape in (("U", (d, r)), ("G", (d, r)), ("H", (r, r))):
+        values = [np.asarray(a) for a in released[name]]
+        released[name] = np.stack(values) if values else np.zeros((0, *shape), dtype)
+    V, values, excluded, _ = fits.outputs(d)
+    params = LRSParams(U, V, SparseRows(fits.support.copy(), values, d))
+    return finish(
+        params,
+        history,
+        released,
+        excluded,
+        prepared,
+        dp_config,
+        t,
+        callback=callback,
+        transcript=transcript,
+        nonprivate_diagnostics=nonprivate_diagnostics,
     )
-    return alg._finish(params, history, clip_moment, prepared, dp_config, t, callback)

@@ -1,0 +1,182 @@
+"""The releases of private AMHT-LRS: clip levels, clip weights, noisy sums and
+the released U of the initialization and of each shared step.
+
+With ``axis`` (an :class:`lrs.sharding.UserAxis`, inside ``shard_map``) the
+functions see this device's users and reduce every count and sum over the
+devices before its noise, so every device releases the single-device value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lrs.linalg import orthonormalize
+from lrs.private import mechanism as mech
+from lrs.private.statistics import (
+    moment_norms,
+    moment_sum,
+    step_norms,
+    step_sums,
+    usable_users,
+)
+from lrs.sharding import UserAxis, first_user, psum
+
+
+class NoiseLevels(NamedTuple):
+    """The noise and clip levels of a fit (traced arguments of the jitted fit)."""
+
+    z: jax.Array  # statistic noise multiplier (0: none)
+    z_histogram: jax.Array
+    clip_moment: jax.Array  # NaN: choose privately
+    clip_step: jax.Array  # (2,) for (G, H); NaN: choose privately
+
+
+# ------------------------------------------------------------ the releases
+
+
+def valid_users(t_local: int, axis: UserAxis | None):
+    """``(t_local,)`` True for this device's real users; None on one device."""
+    if axis is None:
+        return None
+    return first_user(t_local, axis) + jnp.arange(t_local) < axis.num_users
+
+
+def _clip_level(levels, norms, fixed, axis=None):
+    """Fixed clip levels, or the private quantile of ``norms (t, s)`` per column
+    (binary search with the integer thresholds ``levels``)."""
+    valid = valid_users(norms.shape[0], axis)
+    chosen = mech.private_quantile(levels, norms, valid=valid, axis=axis)
+    return jnp.where(jnp.isnan(fixed), chosen.astype(norms.dtype), fixed)
+
+
+def init_weights(levels, norms, eligible, noise: NoiseLevels, non_private, axis=None):
+    """The initialization's clip level and ``(t,)`` clip weights from the
+    ``(t,)`` moment norms; users not ``eligible`` count as norm 0, weight 0."""
+    norms = jnp.where(eligible, norms, 0)
+    clip = _clip_level(levels, norms[:, None], noise.clip_moment[None], axis)[0]
+    weights = jnp.ones_like(norms)
+    if not non_private:
+        weights = mech.clip_weights(norms[:, None], clip[None])
+    return clip, jnp.where(eligible, weights, 0)
+
+
+def init_release(M, normal, clip, z, rank: int):
+    """The noisy moment sum ``(d, d)`` and the released ``U_0 (d, r)`` from the
+    clipped sum ``M`` and the release's symmetric N(0, 1) draws ``normal``."""
+    M = mech.noisy_sum(M, normal, clip, z)
+    _, vectors = jnp.linalg.eigh(M)
+    return M, orthonormalize(vectors[:, ::-1][:, :rank])[0]
+
+
+def release_init(data, eligible, config, noise, draws, chunk, non_private, axis):
+    """Released ``U_0 (d, r)``, the moment clip level and the noisy moment sum."""
+    norms = moment_norms(data, chunk)
+    clip, weights = init_weights(
+        draws.init_levels, norms, eligible, noise, non_private, axis
+    )
+    M = moment_sum(data, weights, chunk, axis=axis)  # summed over devices
+    M, U = init_release(M, draws.init_moment, clip, noise.z, config.rank)
+    return U, clip, M
+
+
+def _newton_direction(G, H, noise_std) -> jax.Array:
+    """``G H^-1``, H's eigenvalues floored where its noise could flip them.
+
+    The floor is the larger of 1e-6 of H's largest eigenvalue magnitude and
+    twice the typical spectral norm of H's symmetric noise, ``2 sqrt(r)
+    noise_std``: a function of released values only (post-processing).
+    """
+    lam, Q = jnp.linalg.eigh((H + H.T) / 2)
+    r = H.shape[0]
+    floor = jnp.maximum(1e-6 * jnp.max(jnp.abs(lam)), 2 * math.sqrt(r) * noise_std)
+    lam = jnp.maximum(lam, jnp.maximum(floor, jnp.finfo(H.dtype).tiny))
+    return (G @ Q / lam) @ Q.T
+
+
+def step_weights(
+    levels, batch_key, norms, eligible, noise, batch, non_private, axis=None
+):
+    """A step's clip levels, ``(t,)`` weights (clipping and batch) and clipped
+    fraction, from the ``(t, 2)`` norms of ``(G_i, H_i)``; with ``axis``, this
+    device's users. Users not ``eligible`` count as norm 0 and get weight 0."""
+    t_local = norms.shape[0]
+    t = t_local if axis is None else axis.num_users
+    norms = jnp.where(eligible[:, None], norms, 0)
+    clips = _clip_level(levels, norms, noise.clip_step, axis)
+    weights = jnp.ones((t_local,), norms.dtype)
+    if not non_private:
+        weights = mech.clip_weights(norms, clips)
+    weights = jnp.where(eligible, weights, 0)
+    scaled = jnp.sum((weights < 1) & eligible, dtype=jnp.int32)
+    clipped = psum(scaled, axis) / t
+    if batch < t:
+        # The batch is drawn over all t users, as on one device; each device
+        # keeps the chosen users it holds.
+        chosen = jax.random.permutation(batch_key, t)[:batch]
+        if axis is not None:
+            local = chosen - first_user(t_local, axis)
+            mine = (local >= 0) & (local < t_local)
+            chosen = jnp.where(mine, local, t_local)
+        in_batch = jnp.zeros((t_local,), norms.dtype).at[chosen].set(1, mode="drop")
+        weights = weights * in_batch
+    return clips, weights, clipped
+
+
+def step_noise(draws: mech.StepDraws, G, H, clips, z):
+    """The noisy ``(G, H)`` of a step from its N(0, 1) ``draws``."""
+    return mech.noisy_sum(G, draws.G, clips[0], z), mech.noisy_sum(
+        H, draws.H, clips[1], z
+    )
+
+
+def step_update(U, G, H, clips, z):
+    """The released ``U <- orth(U + G H^-1)`` from the noisy ``(G, H)``."""
+    H_noise = 2 * z * clips[1]
+    return orthonormalize(U + _newton_direction(G, H, H_noise))[0]
+
+
+def release_step_statistics(
+    data,
+    eligible,
+    U,
+    fits,
+    draws,
+    batch_key,
+    noise,
+    batch,
+    chunk,
+    non_private,
+    axis=None,
+):
+    """The Gaussian release of one shared step; with ``axis``, on this device's
+    users (every sum reduced over the devices before its noise is added).
+
+    Returns ``(G (d, r), H (r, r), clips (2,), clipped_fraction)``.
+    """
+    norms = step_norms(data, U, fits, chunk)
+    clips, weights, clipped = step_weights(
+        draws.levels, batch_key, norms, eligible, noise, batch, non_private, axis
+    )
+    G, H = step_sums(data, U, fits, weights, chunk, axis=axis)
+    G, H = step_noise(draws, G, H, clips, noise.z)
+    return G, H, clips, clipped
+
+
+def noisy_step_statistics(
+    data, U, fits, draws, batch_key, noise, batch, chunk, non_private
+):
+    """The Gaussian release of one shared step, before post-processing.
+
+    ``draws`` is a :class:`lrs.private.mechanism.StepDraws`. Returns ``(G (d,
+    r), H (r, r), clips (2,), clipped_fraction)``: the noisy clipped sums of
+    ``G_i`` and ``H_i`` and the clip levels used. Only ``clipped_fraction`` is
+    not released. :mod:`lrs.audit` audits this function on its own.
+    """
+    data, eligible = usable_users(data, fits.v.shape[1] + fits.support.shape[1])
+    return release_step_statistics(
+        data, eligible, U, fits, draws, batch_key, noise, batch, chunk, non_private
+    )

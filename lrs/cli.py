@@ -207,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the t=50,000 benchmark point",
     )
+    dp.add_argument(
+        "--benchmark-only",
+        action="store_true",
+        help="only the benchmark point (private/non-private test MSE ratio)",
+    )
     dp.set_defaults(handler=_dp, subparser=dp)
 
     audit = sub.add_parser(
@@ -276,6 +281,7 @@ def _dp(args: argparse.Namespace) -> int:
         seed=args.seed,
         plot=args.plot,
         benchmark=args.benchmark,
+        benchmark_only=args.benchmark_only,
         progress=tqdm,
     )
     print(experiment.summary(results))

@@ -57,9 +57,7 @@ def _replace_user0(data, X0, y0):
 def _normalized_step_sum(data, U, config, clips):
     """sum_i c_i (G_i / C_G, H_i / C_H), flattened: the quantity of Lemma 1."""
     fits = peruser.per_user_step(data, U, None, config)
-    norms = pfit.step_norms(data, U, fits, None)
-    w = mech.clip_weights(norms, clips)
-    G, H = pfit.step_sums(data, U, fits, w, None)
+    G, H = pfit.step_sums(data, U, fits, clips, jnp.ones(data.X.shape[0]), None)
     return jnp.concatenate([(G / clips[0]).ravel(), (H / clips[1]).ravel()]), fits
 
 
@@ -103,9 +101,8 @@ def test_moment_release_changes_by_at_most_its_sensitivity(problem):
 
     @jax.jit
     def normalized(data):
-        norms = pfit.moment_norms(data, None)
-        w = mech.clip_weights(norms[:, None], jnp.asarray([clip]))
-        return pfit.moment_sum(data, w, None) / clip
+        ones = jnp.ones(data.X.shape[0])
+        return pfit.moment_sum(data, jnp.asarray(clip), ones, None) / clip
 
     base = normalized(data)
     for name, (X0, y0) in _adversaries(data, jax.random.key(8)).items():
@@ -124,12 +121,17 @@ def test_each_quantile_count_changes_by_at_most_one():
             assert int(jnp.max(jnp.abs(change))) <= 1
 
 
+def _levels(key, norms, q, z_histogram):
+    return mech.quantile_thresholds(key, norms.shape[1], norms.shape[0], q, z_histogram)
+
+
 def test_private_quantile_without_noise_brackets_the_true_quantile():
     rng = np.random.default_rng(1)
     norms = np.exp(rng.normal(0, 3, size=(1000, 2)))
     step = 2 ** (1 / mech.BINS_PER_OCTAVE)
     for q in (0.1, 0.5, 0.9, 1.0):
-        edges = mech.private_quantile(jax.random.key(0), jnp.asarray(norms), q, 0.0)
+        levels = _levels(jax.random.key(0), norms, q, 0.0)
+        edges = mech.private_quantile(levels, jnp.asarray(norms))
         for column, edge in enumerate(np.asarray(edges, np.float64)):
             assert np.mean(norms[:, column] <= edge * (1 + 1e-6)) >= q
             assert np.mean(norms[:, column] <= edge / step / (1 + 1e-6)) < q
@@ -140,9 +142,8 @@ def test_private_quantile_stays_near_the_quantile_under_noise():
     rng = np.random.default_rng(2)
     norms = np.exp(rng.normal(0, 1, size=(200, 1)))
     keys = jax.random.split(jax.random.key(3), 50)
-    edges = jax.vmap(lambda k: mech.private_quantile(k, jnp.asarray(norms), 0.5, 6.0))(
-        keys
-    )
+    levels = jax.vmap(lambda k: _levels(k, norms, 0.5, 3.0))(keys)
+    edges = jax.vmap(lambda lv: mech.private_quantile(lv, jnp.asarray(norms)))(levels)
     ranks = [np.mean(norms[:, 0] <= e) for e in np.asarray(edges)[:, 0]]
     assert 0.3 < min(ranks) and max(ranks) < 0.7
 
@@ -152,12 +153,17 @@ def test_released_noise_has_the_calibrated_spread(problem, config):
     data, truth = problem
     fits = _fits(data, truth.U, config)
     clips = jnp.asarray([0.4, 3.0])
-    w = mech.clip_weights(pfit.step_norms(data, truth.U, fits, None), clips)
-    G, H = pfit.step_sums(data, truth.U, fits, w, None)
+    ones = jnp.ones(data.X.shape[0])
+    G, H = pfit.step_sums(data, truth.U, fits, clips, ones, None)
     z, n = 1.7, 3000
     keys = jax.random.split(jax.random.key(11), n)
-    G_hat = jax.vmap(lambda k: mech.noisy_sum(k, G, clips[0], z))(keys)
-    H_hat = jax.vmap(lambda k: mech.noisy_sum(k, H, clips[1], z, symmetric=True))(keys)
+    draw = functools.partial(
+        mech.draw_noise, steps=1, d=D, r=R, num_users=T, quantile=0.5, z_histogram=1.0
+    )
+    draws = jax.vmap(draw)(keys)
+    assert draws.step_G.dtype == draws.step_H.dtype == jnp.float64
+    G_hat = jax.vmap(lambda g: mech.noisy_sum(G, g, clips[0], z))(draws.step_G[:, 0])
+    H_hat = jax.vmap(lambda h: mech.noisy_sum(H, h, clips[1], z))(draws.step_H[:, 0])
     for released, total, clip in ((G_hat, G, clips[0]), (H_hat, H, clips[1])):
         sigma = 2 * z * float(clip)
         noise = np.asarray(released - total)
@@ -269,9 +275,9 @@ def test_a_noise_multiplier_that_cannot_reach_the_target_is_refused(problem, con
     data, _ = problem
     weak = private.DPConfig(epsilon=1.0, delta=1e-5, noise_multiplier=0.5)
     with pytest.raises(ValueError, match="noise_multiplier=0.5 cannot reach"):
-        private.fit(data, config, weak)
+        private.fit(data, config, weak, key=jax.random.key(0))
     with pytest.raises(ValueError, match="dp_config"):
-        private.fit(data, config, {"epsilon": 1.0})
+        private.fit(data, config, {"epsilon": 1.0}, key=jax.random.key(0))
 
 
 # ------------------------------------------------------------------ the fit
@@ -282,9 +288,14 @@ def test_debug_mode_reproduces_the_non_private_fit(small_problem):
     config = lrs.AMHTConfig(rank=3, sparsity=3, num_iters=25)
     reference, _ = lrs.fit(data, config, truth=truth)
     params, diagnostics = private.fit(
-        data, config, private.DPConfig(non_private=True), truth=truth
+        data,
+        config,
+        private.DPConfig(non_private=True),
+        key=jax.random.key(0),
+        truth=truth,
+        nonprivate_diagnostics=True,
     )
-    assert diagnostics.relative_error[-1] < 1e-6
+    assert diagnostics.nonprivate.relative_error[-1] < 1e-6
     np.testing.assert_allclose(lrs.weights(params), lrs.weights(reference), atol=1e-6)
     record = diagnostics.privacy
     assert record.non_private and record.epsilon == math.inf
@@ -319,10 +330,14 @@ def test_private_fit_spends_what_it_reports_and_learns(problem, config):
     # Little noise: as close to the planted U as the non-private algorithm
     # gets on this tiny problem; much noise: far.
     _, exact = private.fit(
-        data, config, private.DPConfig(non_private=True), truth=truth
+        data,
+        config,
+        private.DPConfig(non_private=True),
+        key=jax.random.key(1),
+        truth=truth,
     )
     loose = private.DPConfig(epsilon=500.0, delta=1e-5)
-    _, near = private.fit(data, config, loose, truth=truth)
+    _, near = private.fit(data, config, loose, key=jax.random.key(2), truth=truth)
     assert near.subspace_distance[-1] < exact.subspace_distance[-1] + 0.05
     assert diagnostics.subspace_distance[-1] > near.subspace_distance[-1] + 0.2
 
@@ -337,7 +352,7 @@ def test_subsampled_fit_uses_the_rdp_accountant(problem, config):
         clip_gram=5.0,
         noise_multiplier=2.0,
     )
-    _, diagnostics = private.fit(data, config, dp)
+    _, diagnostics = private.fit(data, config, dp, key=jax.random.key(0))
     record = diagnostics.privacy
     assert record.accountant == "rdp" and record.batch_size == T // 2
     assert record.epsilon <= 30.0 and record.noise_multiplier == 2.0

@@ -46,8 +46,9 @@ _SCRIPT = textwrap.dedent(
     for name, rate in [(n, {"full": 1.0, "sampled": 0.5}[n]) for n in sys.argv[1:]]:
         dp = private.DPConfig(epsilon=2.0, delta=1e-5, sampling_rate=rate)
         key = jax.random.key(7)
-        one, d1 = private.fit(data, config, dp, key=key, truth=truth)
-        four, d4 = private.fit(data, config, dp, key=key, truth=truth, mesh=mesh)
+        full = dict(truth=truth, transcript=True, nonprivate_diagnostics=True)
+        one, d1 = private.fit(data, config, dp, key=key, **full)
+        four, d4 = private.fit(data, config, dp, key=key, mesh=mesh, **full)
         p1, p4 = d1.privacy, d4.privacy
         out[name] = dict(
             U=float(np.abs(one.U - four.U).max()),
@@ -59,9 +60,21 @@ _SCRIPT = textwrap.dedent(
             ).max()),
             epsilon=[p1.epsilon, p4.epsilon],
             noise=p1.noise_multiplier,
-            loss=float(np.abs(d1.loss - d4.loss).max() / d1.loss[0]),
-            error=float(np.abs(d1.relative_error - d4.relative_error).max()),
-            clipped=float(np.abs(d1.clipped_fraction - d4.clipped_fraction)[1:].max()),
+            loss=float(
+                np.abs(d1.nonprivate.loss - d4.nonprivate.loss).max()
+                / d1.nonprivate.loss[0]
+            ),
+            error=float(np.abs(
+                d1.nonprivate.relative_error - d4.nonprivate.relative_error
+            ).max()),
+            clipped=float(np.abs(
+                d1.nonprivate.clipped_fraction - d4.nonprivate.clipped_fraction
+            )[1:].max()),
+            transcript=float(max(
+                np.abs(getattr(d1.transcript, n) - getattr(d4.transcript, n)).max()
+                for n in ("U", "moment", "G", "H")
+            )),
+            excluded=bool((d1.excluded == d4.excluded).all()),
             shapes=[list(four.V.shape), list(four.B.indices.shape)],
         )
     print(json.dumps(out))
@@ -95,6 +108,7 @@ def test_sharded_private_fit_equals_single_device_fit_on_four_cpu_devices(case):
         assert res["epsilon"][0] == res["epsilon"][1]
         assert res["loss"] < 1e-8 and res["error"] < 1e-8
         assert res["clipped"] == 0.0
+        assert res["transcript"] < 1e-6 and res["excluded"]
         assert res["shapes"] == [[21, 2], [21, 1]]  # padded users trimmed
 
 
@@ -105,9 +119,15 @@ def test_private_mesh_must_be_a_mesh_with_a_users_axis():
     config = lrs.AMHTConfig(rank=2, sparsity=1, num_iters=1)
     dp = private.DPConfig(epsilon=2.0, delta=1e-5)
     with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
-        private.fit(data, config, dp, mesh="users")
+        private.fit(data, config, dp, key=jax.random.key(0), mesh="users")
     with pytest.raises(ValueError, match="mesh must have an axis named 'users'"):
-        private.fit(data, config, dp, mesh=jax.make_mesh((1,), ("batch",)))
+        private.fit(
+            data,
+            config,
+            dp,
+            key=jax.random.key(0),
+            mesh=jax.make_mesh((1,), ("batch",)),
+        )
 
 
 def test_one_device_mesh_gives_the_unsharded_private_fit():

@@ -37,13 +37,17 @@ def _host(data):
 
 
 _CACHE = {}
+# Everything a fit can return, so the comparison covers it all.
+_FULL = dict(transcript=True, nonprivate_diagnostics=True)
 
 
 def _in_memory(problem, config, dp):
     name = dp.sampling_rate
     if name not in _CACHE:
         data, truth = problem
-        _CACHE[name] = private.fit(data, config, dp, key=jax.random.key(7), truth=truth)
+        _CACHE[name] = private.fit(
+            data, config, dp, key=jax.random.key(7), truth=truth, **_FULL
+        )
     return _CACHE[name]
 
 
@@ -54,11 +58,25 @@ def _assert_same(streamed, in_memory):
     np.testing.assert_array_equal(p1.B.indices, np.asarray(p2.B.indices))
     np.testing.assert_allclose(p1.B.values, np.asarray(p2.B.values), atol=1e-8)
     assert d1.privacy == d2.privacy
-    for name in ("loss", "u_change", "relative_error", "subspace_distance"):
+    np.testing.assert_array_equal(d1.excluded, d2.excluded)
+    for name in ("u_change", "subspace_distance"):
         np.testing.assert_allclose(
             getattr(d1, name), getattr(d2, name), rtol=1e-8, atol=1e-12
         )
-    np.testing.assert_array_equal(d1.clipped_fraction, d2.clipped_fraction)
+    for name in ("loss", "relative_error"):
+        np.testing.assert_allclose(
+            getattr(d1.nonprivate, name),
+            getattr(d2.nonprivate, name),
+            rtol=1e-8,
+            atol=1e-12,
+        )
+    np.testing.assert_array_equal(
+        d1.nonprivate.clipped_fraction, d2.nonprivate.clipped_fraction
+    )
+    for name in ("U", "moment", "G", "H"):
+        np.testing.assert_allclose(
+            getattr(d1.transcript, name), getattr(d2.transcript, name), atol=1e-8
+        )
 
 
 @pytest.mark.parametrize("chunk_users", [3, 1, T + 5])
@@ -72,6 +90,7 @@ def test_streamed_equals_the_in_memory_private_fit(problem, config, chunk_users)
         chunk_users=chunk_users,
         key=jax.random.key(7),
         truth=truth,
+        **_FULL,
     )
     in_memory = _in_memory(problem, config, dp)
     _assert_same(streamed, in_memory)
@@ -88,7 +107,13 @@ def test_subsampled_streamed_fit_draws_the_same_batches(problem, config):
         epsilon=2.0, delta=1e-5, sampling_rate=0.5, noise_multiplier=3.7
     )
     streamed = private.fit_streamed(
-        _host(data), config, dp, chunk_users=3, key=jax.random.key(7), truth=truth
+        _host(data),
+        config,
+        dp,
+        chunk_users=3,
+        key=jax.random.key(7),
+        truth=truth,
+        **_FULL,
     )
     _assert_same(streamed, _in_memory(problem, config, dp))
     record = streamed[1].privacy
@@ -124,4 +149,6 @@ def test_bad_chunk_users_is_refused_naming_it(problem, config, chunk_users):
     data, _ = problem
     dp = private.DPConfig(epsilon=2.0, delta=1e-5)
     with pytest.raises(ValueError, match="chunk_users"):
-        private.fit_streamed(_host(data), config, dp, chunk_users=chunk_users)
+        private.fit_streamed(
+            _host(data), config, dp, chunk_users=chunk_users, key=jax.random.key(0)
+        )

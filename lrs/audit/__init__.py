@@ -5,7 +5,7 @@ See docs/privacy.md, section "Audit".
 
 from lrs.audit.bounds import EpsilonBound, clopper_pearson, epsilon_lower_bound
 from lrs.audit.canary import AuditProblem, Neighbours, neighbouring_datasets
-from lrs.audit.run import AuditConfig, AuditResult, audit
+from lrs.audit.run import AuditConfig, AuditResult, audit, audit_attackers
 
 __all__ = [
     "AuditConfig",
@@ -14,6 +14,7 @@ __all__ = [
     "EpsilonBound",
     "Neighbours",
     "audit",
+    "audit_attackers",
     "clopper_pearson",
     "epsilon_lower_bound",
     "neighbouring_datasets",

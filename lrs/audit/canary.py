@@ -13,12 +13,22 @@ replace-one relation of docs/privacy.md):
   +w or -w.
 * ``'ordinary'``: the slot holds one user drawn like the base users in D and
   another one in D' -- the canary an attacker usually has to work with.
+* ``'overflow'``: D' holds the crafted user of theta = s (U* e_1 + w) and D
+  the same user with X and y multiplied by ``overflow_scale`` (1e20: in
+  float32 its statistics overflow). A fit that let such a user break the
+  clipping (NaN sums, a refusal) would tell D from D' with certainty; with
+  the overflow-proof clipping the scaled user contributes exactly zero, so D
+  is D' without the canary.
+
+The data are in ``problem.dtype`` (float64 by default; they are built under
+``jax.enable_x64``, as the audit runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -27,7 +37,18 @@ import jax.numpy as jnp
 from lrs.data import UserData
 from lrs.synthetic import make_problem
 
-CANARIES = ("crafted", "ordinary")
+CANARIES = ("crafted", "ordinary", "overflow")
+DTYPES = ("float64", "float32")
+
+
+def _finite_positive(name: str, value) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value < math.inf
+    ):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +59,13 @@ class AuditProblem:
       d, r, k, m: features, rank, sparsity, samples per user.
       t: base users (the data sets have t + 1 users).
       noise: label noise of the base users.
-      canary: ``'crafted'`` or ``'ordinary'``.
+      canary: ``'crafted'``, ``'ordinary'`` or ``'overflow'``.
       canary_scale: s, the size of the crafted canary's model (large enough
         that its contributions are clipped in every release).
+      dtype: ``'float64'`` or ``'float32'``, the data's dtype, which decides
+        the audited program's (its noise is drawn in float64 either way).
+      overflow_scale: the factor on X and y of the ``'overflow'`` canary's
+        scaled user (default 1e20, whose statistics overflow float32).
     """
 
     d: int = 10
@@ -51,6 +76,8 @@ class AuditProblem:
     noise: float = 0.1
     canary: str = "crafted"
     canary_scale: float = 10.0
+    dtype: str = "float64"
+    overflow_scale: float = 1e20
 
     def __post_init__(self):
         for name in ("d", "r", "m", "t"):
@@ -63,10 +90,10 @@ class AuditProblem:
             raise ValueError(f"need r + k < d; got r={self.r}, k={self.k}, d={self.d}")
         if self.canary not in CANARIES:
             raise ValueError(f"canary must be one of {CANARIES}; got {self.canary!r}")
-        if self.canary == "crafted" and self.m < self.d:
+        if self.canary != "ordinary" and self.m < self.d:
             raise ValueError(
-                "the crafted canary needs an orthonormal design, m >= d; got "
-                f"m={self.m}, d={self.d}"
+                f"the {self.canary} canary needs an orthonormal design, m >= d; "
+                f"got m={self.m}, d={self.d}"
             )
         for name in ("noise", "canary_scale"):
             value = getattr(self, name)
@@ -78,14 +105,18 @@ class AuditProblem:
                 raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
         if self.canary_scale <= 0:
             raise ValueError(f"canary_scale must be > 0; got {self.canary_scale!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
+        _finite_positive("overflow_scale", self.overflow_scale)
 
 
 class Neighbours(NamedTuple):
     """D and D', the planted U*, and the canary's geometry.
 
     ``anchor`` (U* e_1) and ``direction`` (w, orthogonal to U*) are unit
-    vectors of shape ``(d,)``; for ``'ordinary'`` canaries ``moment_out`` and
-    ``moment_in`` are the slot users' a = X^T y / m (``(d,)`` each).
+    vectors of shape ``(d,)``; ``moment_out`` and ``moment_in`` are the slot
+    users' a = X^T y / m (``(d,)`` each; the ``'ordinary'`` canary's score
+    reads them; inf where the ``'overflow'`` user overflows).
     """
 
     data_out: UserData
@@ -113,22 +144,33 @@ def _moment(X, y) -> jax.Array:
 def neighbouring_datasets(problem: AuditProblem, key) -> Neighbours:
     """D (canary out) and D' (canary in) for ``problem``, from ``key``.
 
-    Float64 under ``jax_enable_x64`` (as ``lrs audit`` runs), else float32.
+    In ``problem.dtype``; built under ``jax.enable_x64(True)``, so float64
+    data need no global flag (the audit itself runs under it).
     """
     if not isinstance(problem, AuditProblem):
         raise ValueError(
             f"problem must be an AuditProblem; got {type(problem).__name__}"
         )
-    sizes = dataclasses.replace(problem, canary="crafted", canary_scale=1.0)
-    crafted = jnp.asarray(problem.canary == "crafted")
-    return _neighbours(sizes, key, crafted, problem.canary_scale)
+    sizes = dataclasses.replace(
+        problem, canary="crafted", canary_scale=1.0, overflow_scale=1.0
+    )
+    with jax.enable_x64(True):
+        dtype = jnp.dtype(problem.dtype)
+        return _neighbours(
+            sizes,
+            key,
+            jnp.asarray(problem.canary != "ordinary"),
+            jnp.asarray(problem.canary == "overflow"),
+            jnp.asarray(problem.canary_scale, dtype),
+            jnp.asarray(problem.overflow_scale, dtype),
+        )
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _neighbours(sizes: AuditProblem, key, crafted, scale) -> Neighbours:
-    """Both kinds of slot users are drawn; ``crafted`` (traced) picks one, so
-    one compilation serves both canaries."""
-    dtype = jnp.zeros(()).dtype
+def _neighbours(sizes: AuditProblem, key, crafted, overflow, scale, blow_up):
+    """Both kinds of slot users are drawn; ``crafted`` and ``overflow``
+    (traced) pick them, so one compilation serves every canary."""
+    dtype = jnp.dtype(sizes.dtype)
     p = sizes
     k_base, k_design, k_dir = jax.random.split(key, 3)
     data, truth = make_problem(
@@ -142,10 +184,13 @@ def _neighbours(sizes: AuditProblem, key, crafted, scale) -> Neighbours:
     direction = direction / jnp.linalg.norm(direction)
     Q, _ = jnp.linalg.qr(jax.random.normal(k_design, (p.m, p.d), dtype))
     X = jnp.sqrt(jnp.asarray(p.m, dtype)) * Q
-    X_out = jnp.where(crafted, X, data.X[p.t])
+    y_plus = X @ (scale * (anchor + direction))
+    y_minus = jnp.where(overflow, y_plus, X @ (scale * (anchor - direction)))
+    factor = jnp.where(overflow, blow_up, 1)
+    X_out = jnp.where(crafted, factor * X, data.X[p.t])
     X_in = jnp.where(crafted, X, data.X[p.t + 1])
-    y_out = jnp.where(crafted, X @ (scale * (anchor - direction)), data.y[p.t])
-    y_in = jnp.where(crafted, X @ (scale * (anchor + direction)), data.y[p.t + 1])
+    y_out = jnp.where(crafted, factor * y_minus, data.y[p.t])
+    y_in = jnp.where(crafted, y_plus, data.y[p.t + 1])
     return Neighbours(
         data_out=_with_slot(base, X_out, y_out),
         data_in=_with_slot(base, X_in, y_in),

@@ -3,14 +3,18 @@
 
 For each claimed epsilon: the canary audit of one noisy aggregation
 (``level='step'``) and of the whole private fit (``level='fit'``) with the
-crafted canary; the ordinary canary at the largest epsilon; and one
-deliberately broken mechanism (half the noise) as a positive control.
-Writes ``privacy_audit.json`` and ``privacy_audit.png``.
+crafted canary, the fit scored by two attackers on the same runs (the final
+U only, and the whole release transcript); at the largest epsilon the
+ordinary canary, a float32 run and the overflow canary (a 1e20-scaled user in
+float32); and two deliberately broken mechanisms that must be flagged: half
+the noise, and one key reused by every run. Writes ``privacy_audit.json`` and
+``privacy_audit.png``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -19,14 +23,22 @@ from pathlib import Path
 import jax
 
 from lrs.audit.canary import AuditProblem
-from lrs.audit.run import AuditConfig, audit
+from lrs.audit.run import AuditConfig, audit_attackers
 
 EPSILONS = (1.0, 2.0, 4.0, 8.0)  # sorted: the last is the largest
+
+#: Row names of the attackers of a fit (step audits have only 'final').
+ATTACKER_NAMES = {"final": "", "transcript": ", transcript attacker"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """Sizes of one run of the audit experiment."""
+    """Sizes of one run of the audit experiment.
+
+    ``float32_trials``: runs per side of the float32 and overflow step audits;
+    ``key_reuse_trials``: of the key-reuse control (a few suffice: every run
+    repeats the same noise).
+    """
 
     epsilons: tuple[float, ...] = EPSILONS
     delta: float = 1e-5
@@ -38,6 +50,9 @@ class Setting:
     fit_iters: int = 2
     control_trials: int = 1_000_000
     control_epsilon: float = 4.0
+    float32_trials: int = 200_000
+    key_reuse_trials: int = 10_000
+    key_reuse_epsilon: float = 1.0
 
 
 QUICK = Setting(
@@ -45,6 +60,7 @@ QUICK = Setting(
     fit_trials=200,
     fit_users=50,
     control_trials=100_000,
+    float32_trials=20_000,
 )
 
 
@@ -52,6 +68,49 @@ def _row(result, kind: str) -> dict:
     row = result.to_dict()
     row["kind"] = kind
     return row
+
+
+def _jobs(s: Setting) -> list[tuple[str, AuditConfig, AuditProblem]]:
+    """``(kind, config, problem)`` of every audit of the table."""
+    common = dict(delta=s.delta, confidence=s.confidence)
+    step = functools.partial(AuditConfig, level="step", trials=s.step_trials, **common)
+    fit = functools.partial(
+        AuditConfig,
+        level="fit",
+        trials=s.fit_trials,
+        num_iters=s.fit_iters,
+        batch_trials=500,
+        **common,
+    )
+
+    def problems(**kwargs):
+        return AuditProblem(t=s.step_users, **kwargs), AuditProblem(
+            t=s.fit_users, **kwargs
+        )
+
+    step_problem, fit_problem = problems()
+    top = s.epsilons[-1]  # the largest epsilon is most telling
+    jobs = [("step, crafted canary", step(epsilon=e), step_problem) for e in s.epsilons]
+    jobs += [("fit, crafted canary", fit(epsilon=e), fit_problem) for e in s.epsilons]
+    for name, kwargs, trials in (
+        ("ordinary canary", dict(canary="ordinary"), s.step_trials),
+        ("crafted canary, float32", dict(dtype="float32"), s.float32_trials),
+        (
+            "overflow canary (1e20 user), float32",
+            dict(canary="overflow", dtype="float32"),
+            s.float32_trials,
+        ),
+    ):
+        at_step, at_fit = problems(**kwargs)
+        jobs.append((f"step, {name}", step(epsilon=top, trials=trials), at_step))
+        jobs.append((f"fit, {name}", fit(epsilon=top), at_fit))
+    half = step(epsilon=s.control_epsilon, trials=s.control_trials, fault="half_noise")
+    jobs.append(("step, crafted, BROKEN: half noise", half, step_problem))
+    reuse = step(
+        epsilon=s.key_reuse_epsilon, trials=s.key_reuse_trials, fault="key_reuse"
+    )
+    jobs.append(("step, crafted, BROKEN: one key reused", reuse, step_problem))
+    return jobs
 
 
 def run(
@@ -71,55 +130,32 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(seed)
-    step_problem = AuditProblem(t=s.step_users)
-    fit_problem = AuditProblem(t=s.fit_users)
-    common = dict(delta=s.delta, confidence=s.confidence)
-    jobs = []
-    for eps in s.epsilons:
-        step = AuditConfig(level="step", epsilon=eps, trials=s.step_trials, **common)
-        jobs.append(("step, crafted canary", step, step_problem))
-    for eps in s.epsilons:
-        fit = AuditConfig(
-            level="fit",
-            epsilon=eps,
-            trials=s.fit_trials,
-            num_iters=s.fit_iters,
-            batch_trials=500,
-            **common,
-        )
-        jobs.append(("fit, crafted canary", fit, fit_problem))
-    ordinary_step = AuditProblem(t=s.step_users, canary="ordinary")
-    ordinary_fit = AuditProblem(t=s.fit_users, canary="ordinary")
-    top_step = jobs[len(s.epsilons) - 1][1]  # the largest epsilon is most telling
-    top_fit = jobs[-1][1]
-    jobs.append(("step, ordinary canary", top_step, ordinary_step))
-    jobs.append(("fit, ordinary canary", top_fit, ordinary_fit))
-    control = AuditConfig(
-        level="step",
-        epsilon=s.control_epsilon,
-        trials=s.control_trials,
-        fault="half_noise",
-        **common,
-    )
-    jobs.append(("step, crafted, BROKEN: half noise", control, step_problem))
-
+    jobs = _jobs(s)
     rows = []
     bar = progress(total=len(jobs), desc="audits", unit="audit") if progress else None
     start = time.perf_counter()
-    for kind, config, problem in jobs:
-        result = audit(config, problem, key=jax.random.fold_in(key, len(rows)))
-        rows.append(_row(result, kind))
+    # A quick run is mostly compilation: compile cheaply (the nn experiment's
+    # --quick does the same); results change only in the last digits.
+    cheap = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", cheap or quick)
+    try:
+        for index, (kind, config, problem) in enumerate(jobs):
+            found = audit_attackers(config, problem, key=jax.random.fold_in(key, index))
+            for observe, result in found.items():
+                rows.append(_row(result, kind + ATTACKER_NAMES[observe]))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", cheap)
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     results = dict(
         setting=dataclasses.asdict(s),
         quick=quick,
         seed=seed,
         seconds=time.perf_counter() - start,
-        step_problem=dataclasses.asdict(step_problem),
-        fit_problem=dataclasses.asdict(fit_problem),
+        step_problem=dataclasses.asdict(AuditProblem(t=s.step_users)),
+        fit_problem=dataclasses.asdict(AuditProblem(t=s.fit_users)),
         rows=rows,
     )
     (out / "privacy_audit.json").write_text(json.dumps(_finite(results), indent=1))
@@ -157,10 +193,10 @@ def summary(results: dict) -> str:
     broken = [r for r in results["rows"] if r["fault"] is not None]
     ok = not any(r["flagged"] for r in honest) and all(r["flagged"] for r in broken)
     verdict = (
-        "audit: every bound of the real mechanism stays below its claim and the "
+        "audit: every bound of the real mechanism stays below its claim and every "
         "broken control is flagged"
         if ok
-        else "audit: UNEXPECTED -- a real mechanism was flagged or the broken "
+        else "audit: UNEXPECTED -- a real mechanism was flagged or a broken "
         "control was not (see the table)"
     )
     lines.append("")
@@ -174,21 +210,17 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 5.0))
     rows = results["rows"]
     claims = sorted({r["epsilon_claimed"] for r in rows})
     ax.plot(claims, claims, "k--", lw=1, label="claim (bound must stay below)")
-    styles = {
-        "step, crafted canary": ("C0", "o"),
-        "fit, crafted canary": ("C1", "s"),
-        "step, ordinary canary": ("C2", "^"),
-        "fit, ordinary canary": ("C4", "v"),
-        "step, crafted, BROKEN: half noise": ("C3", "x"),
-    }
-    for kind, (color, marker) in styles.items():
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))  # in table order
+    markers = "osDv^<>pXh*P"
+    for i, kind in enumerate(kinds):
         chosen = [r for r in rows if r["kind"] == kind]
-        if not chosen:
-            continue
+        broken = chosen[0]["fault"] is not None
+        color = "C3" if broken else f"C{[0, 1, 2, 4, 5, 6, 7, 8, 9][i % 9]}"
+        marker = "x+"[i % 2] if broken else markers[i % len(markers)]
         x = [r["epsilon_claimed"] for r in chosen]
         ax.plot(
             x,
@@ -196,7 +228,7 @@ def _plot(results: dict, path: Path) -> None:
             marker=marker,
             color=color,
             ls="-" if len(chosen) > 1 else "none",
-            label=f"{kind}: 95% lower bound",
+            label=kind,
         )
         ax.plot(
             x,
@@ -209,8 +241,10 @@ def _plot(results: dict, path: Path) -> None:
         )
     ax.set_xlabel(f"claimed epsilon (delta = {results['setting']['delta']:g})")
     ax.set_ylabel("audited epsilon")
-    ax.set_title("Canary audit (hollow: point estimates)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_title(
+        "Canary audit: 95% lower bounds (hollow: point estimates)", fontsize=10
+    )
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

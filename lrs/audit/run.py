@@ -8,14 +8,22 @@
   calibration and the clipping: the bound should come close to ``epsilon``.
 * ``level='fit'``: the whole private fit (:func:`lrs.private.fit`'s program,
   private initialization and clip levels included) calibrated to ``epsilon``
-  over all its releases. The score reads the released U only: how far it tilts
-  the canary's anchor U* e_1 toward the canary direction w. The bound must stay
-  below ``epsilon``; how far below says how loose the accounting is for this
-  attacker.
+  over all its releases. The bound must stay below ``epsilon``; how far below
+  says how loose the accounting is for the attacker, chosen by ``observe``:
+  ``'final'`` reads the released U only (how far it tilts the canary's anchor
+  U* e_1 toward the canary direction w); ``'transcript'`` reads every release
+  (each intermediate U, the clip levels, the noisy moment and (G, H) sums) and
+  sums their likelihood ratios (:mod:`lrs.audit.transcript`).
+
+Every run draws its noise from its own key, in float64, as the fit does; the
+program runs in the data's dtype (``AuditProblem.dtype``).
 
 ``fault`` injects a deliberate bug for self-tests of the audit: ``'half_noise'``
-adds half the claimed noise, ``'no_clipping'`` skips the clipping. The claim
-stays the correct mechanism's, so the audit should report a bound above it.
+adds half the claimed noise, ``'no_clipping'`` skips the clipping,
+``'key_reuse'`` runs every trial, on D and on D', with one and the same key
+(what a default key such as ``key(0)`` does: identical noise in every run).
+The claim stays the correct mechanism's, so the audit should report a bound
+above it.
 """
 
 from __future__ import annotations
@@ -24,23 +32,19 @@ import dataclasses
 import functools
 import math
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrs import peruser
 from lrs.audit.bounds import EpsilonBound, epsilon_lower_bound
-from lrs.audit.canary import AuditProblem, Neighbours, neighbouring_datasets
-from lrs.config import AMHTConfig
+from lrs.audit.canary import AuditProblem, neighbouring_datasets
+from lrs.audit.scorers import fit_scorer, step_scorer
 from lrs.errors import FitError
-from lrs.private import accounting
-from lrs.private import algorithm as private_algorithm
-from lrs.private.config import DPConfig
 
 LEVELS = ("step", "fit")
-FAULTS = (None, "half_noise", "no_clipping")
+FAULTS = (None, "half_noise", "no_clipping", "key_reuse")
+OBSERVE = ("final", "transcript")
 
 
 def _positive_int(name, value) -> int:
@@ -61,8 +65,12 @@ class AuditConfig:
       confidence: probability that the reported lower bound holds.
       num_iters: shared steps of the audited fit (``level='fit'``).
       batch_trials: runs vectorized at once (memory / speed trade-off).
-      fault: ``None`` (the real mechanism), ``'half_noise'`` or
-        ``'no_clipping'`` (deliberately broken, for self-tests).
+      fault: ``None`` (the real mechanism), ``'half_noise'``,
+        ``'no_clipping'`` or ``'key_reuse'`` (deliberately broken, for
+        self-tests).
+      observe: what the attacker of ``level='fit'`` sees: ``'final'`` (the
+        released U) or ``'transcript'`` (every release). ``level='step'``
+        makes one release: ``'final'`` only.
     """
 
     level: str = "step"
@@ -73,6 +81,7 @@ class AuditConfig:
     num_iters: int = 2
     batch_trials: int = 10_000
     fault: str | None = None
+    observe: str = "final"
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -99,6 +108,13 @@ class AuditConfig:
         _positive_int("batch_trials", self.batch_trials)
         if self.fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}; got {self.fault!r}")
+        if self.observe not in OBSERVE:
+            raise ValueError(f"observe must be one of {OBSERVE}; got {self.observe!r}")
+        if self.level == "step" and self.observe != "final":
+            raise ValueError(
+                "observe must be 'final' at level='step' (one release, nothing "
+                f"in between); got {self.observe!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +131,8 @@ class AuditResult:
 
     level: str
     canary: str
+    dtype: str
+    observe: str
     fault: str | None
     epsilon_claimed: float
     delta: float
@@ -136,149 +154,115 @@ class AuditResult:
         return out
 
 
-class _Scorer(NamedTuple):
-    """``scores(keys, *args_out)`` on D and ``scores(keys, *args_in)`` on D'."""
-
-    claim: float
-    z: float
-    sensitivity: float
-    scores: object  # jitted (keys (n,), *args) -> (n,) scores
-    args_out: tuple
-    args_in: tuple
-
-
-def _amht_config(problem: AuditProblem, num_iters: int) -> AMHTConfig:
-    return AMHTConfig(rank=problem.r, sparsity=problem.k, num_iters=num_iters, tol=0.0)
-
-
-def _faulty(noise, fault):
-    if fault == "half_noise":
-        return noise._replace(z=noise.z / 2, z_histogram=noise.z_histogram / 2)
-    return noise
-
-
-@functools.partial(jax.jit, static_argnames=("users", "skip_clip"))
-def _step_release(data, U, fit, key, noise, *, users, skip_clip):
-    """The audited release: noisy clipped ``(G, H)`` of one shared step."""
-    G, H, _, _ = private_algorithm.noisy_step_statistics(
-        data, U, fit, key, noise, 0.5, users, None, skip_clip
-    )
-    return G, H
-
-
-@functools.partial(jax.jit, static_argnames=("users", "skip_clip"))
-def _step_scores(keys, data, U, fit, noise, reference, *, users, skip_clip):
-    """Likelihood-ratio scores ``<(G, H) - (G0, H0), (dG, dH)>`` in clip units."""
-    G0, H0, dG, dH, clips = reference
-
-    def score(key):
-        G, H = _step_release(data, U, fit, key, noise, users=users, skip_clip=skip_clip)
-        return jnp.sum((G - G0) / clips[0] * dG) + jnp.sum((H - H0) / clips[1] * dH)
-
-    return jax.vmap(score)(keys)
-
-
-def _step_scorer(problem, neighbours: Neighbours, config: AuditConfig) -> _Scorer:
-    """One release of (G, H) at U = U*, fixed clips, calibrated to epsilon."""
-    amht = dataclasses.replace(_amht_config(problem, 1), rescue_fraction=0.0)
-    U = neighbours.truth_U
-    plan = accounting.Plan(
-        steps=1, private_init=False, moment_histogram=False, step_histogram=False
-    )
-    z = accounting.calibrate(plan, config.epsilon, config.delta, "pld")
-    claim = accounting.epsilon_spent(plan, z, config.delta, "pld")
-    local_step = jax.jit(peruser.per_user_step, static_argnums=(3,))
-    fit_out = local_step(neighbours.data_out, U, None, amht)
-    fit_in = local_step(neighbours.data_in, U, None, amht)
-    # Clip levels fixed in advance: the median norms of the base users'.
-    norms = private_algorithm.step_norms(neighbours.data_out, U, fit_out, None)
-    clips = jnp.median(norms[: problem.t], axis=0)
-    dtype = U.dtype
-    noise = private_algorithm.NoiseLevels(
-        jnp.asarray(z, dtype),
-        jnp.asarray(0.0, jnp.float32),
-        jnp.asarray(jnp.nan, dtype),
-        clips,
-    )
-    static = dict(users=problem.t + 1, skip_clip=config.fault == "no_clipping")
-    silent = noise._replace(z=jnp.zeros_like(noise.z))
-    key0 = jax.random.key(0)
-    G0, H0 = _step_release(neighbours.data_out, U, fit_out, key0, silent, **static)
-    G1, H1 = _step_release(neighbours.data_in, U, fit_in, key0, silent, **static)
-    dG, dH = (G1 - G0) / clips[0], (H1 - H0) / clips[1]
-    sensitivity = float(jnp.sqrt(jnp.sum(dG**2) + jnp.sum(dH**2)))
-    reference = (G0, H0, dG, dH, clips)
-    loud = _faulty(noise, config.fault)
-    scores = functools.partial(_step_scores, **static)
-    return _Scorer(
-        claim,
-        z,
-        sensitivity,
-        scores,
-        (neighbours.data_out, U, fit_out, loud, reference),
-        (neighbours.data_in, U, fit_in, loud, reference),
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("prepared",))
-def _fit_scores(keys, data, noise, geometry, *, prepared):
-    """Scores of whole private fits, read from the released U only.
-
-    ``'crafted'``: ``anchor^T U U^T w``, the tilt of U* e_1 toward w.
-    ``'ordinary'``: ``|U^T a_in|^2 - |U^T a_out|^2``, how much more of the
-    D'-user's moment vector than of the D-user's the released U captures.
-    """
-    crafted, anchor, direction, a_out, a_in = geometry
-    prepared = prepared._replace(noise=noise)
-
-    def score(key):
-        U = private_algorithm.run_prepared(data, prepared, key)[0].U
-        tilt = anchor @ U @ (U.T @ direction)
-        captured = jnp.sum((U.T @ a_in) ** 2) - jnp.sum((U.T @ a_out) ** 2)
-        return jnp.where(crafted, tilt, captured)
-
-    return jax.vmap(score)(keys)
-
-
-def _fit_scorer(problem, neighbours: Neighbours, config: AuditConfig) -> _Scorer:
-    """The whole private fit, calibrated to epsilon; the score reads U only."""
-    amht = _amht_config(problem, config.num_iters)
-    dp = DPConfig(epsilon=config.epsilon, delta=config.delta)
-    prepared, data_out = private_algorithm.prepare(neighbours.data_out, amht, dp)
-    _, data_in = private_algorithm.prepare(neighbours.data_in, amht, dp)
-    noise = _faulty(prepared.noise, config.fault)
-    if config.fault == "no_clipping":
-        prepared = prepared._replace(non_private=True)
-    claim = accounting.epsilon_spent(prepared.plan, prepared.z, config.delta, "pld")
-    geometry = (
-        jnp.asarray(problem.canary == "crafted"),
-        neighbours.anchor,
-        neighbours.direction,
-        neighbours.moment_out,
-        neighbours.moment_in,
-    )
-    # Only the hashable, epsilon-independent fields are static: one compilation.
-    static = prepared._replace(noise=None, init_U=None, z=0.0, plan=None)
-    scores = functools.partial(_fit_scores, prepared=static)
-    return _Scorer(
-        claim,
-        prepared.z,
-        math.nan,
-        scores,
-        (data_out, noise, geometry),
-        (data_in, noise, geometry),
-    )
-
-
-def _run_trials(scores, args, key, trials: int, batch: int, progress) -> np.ndarray:
-    """``(trials,)`` scores of independent runs, ``batch`` runs per call."""
+def _run_trials(
+    scores, args, key, trials: int, batch: int, progress, reuse: bool = False
+) -> np.ndarray:
+    """``(trials, attackers)`` scores of independent runs, ``batch`` runs per
+    call (``reuse``: every run with ``key`` itself, the key-reuse fault)."""
     out = []
     keys = jax.random.split(key, math.ceil(trials / batch) * batch)
+    if reuse:
+        keys = jax.random.split(key, 1)[jnp.zeros(keys.shape, jnp.int32)]
     for start in range(0, trials, batch):
         out.append(np.asarray(scores(keys[start : start + batch], *args)))
         if progress is not None:
             progress.update(min(batch, trials - start))
     return np.concatenate(out)[:trials]
+
+
+def _both_sides(scorer, config: AuditConfig, key, progress: bool):
+    """``(scores_in, scores_out)``, ``(trials, attackers)`` each: the runs on
+    D' and on D."""
+    k_out, k_in = jax.random.split(key)
+    reuse = config.fault == "key_reuse"
+    if reuse:  # one key for every run, on both sides
+        k_in = k_out
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * config.trials, desc=f"audit {config.level}", unit="run")
+    try:
+        run = functools.partial(
+            _run_trials,
+            scorer.scores,
+            trials=config.trials,
+            batch=min(config.batch_trials, config.trials),
+            progress=bar,
+            reuse=reuse,
+        )
+        scores_out = run(scorer.args_out, k_out)
+        scores_in = run(scorer.args_in, k_in)
+    finally:
+        if bar is not None:
+            bar.close()
+    bad = int(np.sum(~np.all(np.isfinite(scores_out), 1)))
+    bad += int(np.sum(~np.all(np.isfinite(scores_in), 1)))
+    if bad:
+        raise FitError(
+            f"audit: {bad} of {2 * config.trials} runs gave a non-finite score"
+        )
+    return scores_in, scores_out
+
+
+def _check_arguments(config, problem) -> AuditProblem:
+    if not isinstance(config, AuditConfig):
+        raise ValueError(f"config must be an AuditConfig; got {type(config).__name__}")
+    problem = AuditProblem() if problem is None else problem
+    if not isinstance(problem, AuditProblem):
+        raise ValueError(
+            f"problem must be an AuditProblem; got {type(problem).__name__}"
+        )
+    return problem
+
+
+def audit_attackers(
+    config: AuditConfig,
+    problem: AuditProblem | None = None,
+    *,
+    key=None,
+    progress: bool = False,
+) -> dict[str, AuditResult]:
+    """:func:`audit` for every attacker of ``config.level`` on the same runs.
+
+    ``level='step'``: ``{'final': ...}``; ``level='fit'``: ``{'final': ...,
+    'transcript': ...}`` (``config.observe`` is not used). Each bound holds
+    with probability ``config.confidence`` on its own.
+    """
+    problem = _check_arguments(config, problem)
+    key = jax.random.key(0) if key is None else key
+    k_data, k_runs = jax.random.split(key)
+    start = time.perf_counter()
+    with jax.enable_x64(True):
+        neighbours = neighbouring_datasets(problem, k_data)
+        make = step_scorer if config.level == "step" else fit_scorer
+        scorer = make(problem, neighbours, config)
+        scores_in, scores_out = _both_sides(scorer, config, k_runs, progress)
+    seconds = time.perf_counter() - start
+    results = {}
+    for column, observe in enumerate(scorer.observers):
+        bound = epsilon_lower_bound(
+            scores_in[:, column],
+            scores_out[:, column],
+            config.delta,
+            confidence=config.confidence,
+        )
+        results[observe] = AuditResult(
+            level=config.level,
+            canary=problem.canary,
+            dtype=problem.dtype,
+            observe=observe,
+            fault=config.fault,
+            epsilon_claimed=scorer.claim,
+            delta=config.delta,
+            noise_multiplier=scorer.z,
+            bound=bound,
+            trials=config.trials,
+            seconds=seconds,
+            sensitivity_used=scorer.sensitivity,
+            flagged=bound.epsilon > scorer.claim,
+        )
+    return results
 
 
 def audit(
@@ -290,6 +274,9 @@ def audit(
 ) -> AuditResult:
     """Runs the canary audit ``config`` on ``problem`` (default AuditProblem()).
 
+    Runs under ``jax.enable_x64(True)`` (the noise is drawn in float64 inside
+    the vectorized runs); the audited program runs in ``problem.dtype``.
+
     Args:
       config: an :class:`AuditConfig`.
       problem: an :class:`AuditProblem` (the data around the canary).
@@ -297,54 +284,12 @@ def audit(
       progress: show a progress bar over the 2 x ``trials`` runs.
 
     Returns:
-      An :class:`AuditResult`.
-    """
-    if not isinstance(config, AuditConfig):
-        raise ValueError(f"config must be an AuditConfig; got {type(config).__name__}")
-    problem = AuditProblem() if problem is None else problem
-    if not isinstance(problem, AuditProblem):
-        raise ValueError(
-            f"problem must be an AuditProblem; got {type(problem).__name__}"
-        )
-    key = jax.random.key(0) if key is None else key
-    k_data, k_out, k_in = jax.random.split(key, 3)
-    start = time.perf_counter()
-    neighbours = neighbouring_datasets(problem, k_data)
-    make = _step_scorer if config.level == "step" else _fit_scorer
-    scorer = make(problem, neighbours, config)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+      An :class:`AuditResult` for the attacker ``config.observe``.
 
-        bar = tqdm(total=2 * config.trials, desc=f"audit {config.level}", unit="run")
-    try:
-        batch = min(config.batch_trials, config.trials)
-        run = functools.partial(
-            _run_trials, scorer.scores, trials=config.trials, batch=batch, progress=bar
-        )
-        scores_out = run(scorer.args_out, k_out)
-        scores_in = run(scorer.args_in, k_in)
-    finally:
-        if bar is not None:
-            bar.close()
-    bad = int(np.sum(~np.isfinite(scores_out)) + np.sum(~np.isfinite(scores_in)))
-    if bad:
-        raise FitError(
-            f"audit: {bad} of {2 * config.trials} runs gave a non-finite score"
-        )
-    bound = epsilon_lower_bound(
-        scores_in, scores_out, config.delta, confidence=config.confidence
-    )
-    return AuditResult(
-        level=config.level,
-        canary=problem.canary,
-        fault=config.fault,
-        epsilon_claimed=scorer.claim,
-        delta=config.delta,
-        noise_multiplier=scorer.z,
-        bound=bound,
-        trials=config.trials,
-        seconds=time.perf_counter() - start,
-        sensitivity_used=scorer.sensitivity,
-        flagged=bound.epsilon > scorer.claim,
-    )
+    Raises:
+      ValueError: on a bad ``config`` or ``problem``.
+      FitError: if a run gives a non-finite score (a fit broken by its data).
+    """
+    problem = _check_arguments(config, problem)
+    results = audit_attackers(config, problem, key=key, progress=progress)
+    return results[config.observe]

@@ -35,14 +35,15 @@ from lrs.private import mechanism as mech
 from lrs.private.config import DPConfig
 from lrs.private.releases import (  # noqa: F401  (re-exported for lrs.audit)
     NoiseLevels,
+    init_clip,
     init_release,
-    init_weights,
     noisy_step_statistics,
     release_init,
     release_step_statistics,
     step_noise,
+    step_selection,
     step_update,
-    step_weights,
+    sum_clips,
     valid_users,
 )
 from lrs.private.result import (

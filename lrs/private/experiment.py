@@ -101,13 +101,24 @@ def _private(setting, train, test, truth, epsilon, seed) -> dict:
     else:
         dp = private.DPConfig(epsilon=epsilon, delta=setting.delta)
     start = time.perf_counter()
+    # Experiment keys: fixed so the study is reproducible. A real release
+    # needs a fresh secret key (docs/privacy.md, "Keys").
     params, diagnostics = private.fit(
-        train, config, dp, key=jax.random.key(10_000 + seed)
+        train,
+        config,
+        dp,
+        key=jax.random.key(10_000 + seed),
+        nonprivate_diagnostics=True,
     )
     jax.block_until_ready(params)
     out = _evaluate(params, test, truth, time.perf_counter() - start)
     out["privacy"] = diagnostics.privacy.to_dict()
-    out["clipped_fraction"] = float(diagnostics.clipped_fraction[-1])
+    exact = diagnostics.nonprivate
+    out["nonprivate_diagnostics"] = dict(
+        clipped_fraction=float(exact.clipped_fraction[-1]),
+        training_loss=float(exact.loss[-1]),
+        excluded_users=int(diagnostics.excluded.sum()),
+    )
     return out
 
 
@@ -123,14 +134,25 @@ def run(
     seed: int = 0,
     plot: bool = True,
     benchmark: bool = True,
+    benchmark_only: bool = False,
+    setting: Setting | None = None,
     progress=None,
 ) -> dict:
-    """Runs the three parts; writes ``privacy_utility.json`` (and PNG) to ``out``."""
-    setting = QUICK if quick else Setting()
+    """Runs the three parts; writes ``privacy_utility.json`` (and PNG) to ``out``.
+
+    ``benchmark_only``: only the benchmark point; ``setting`` overrides the sizes
+    (default :data:`QUICK` with ``quick``, else ``Setting()``).
+    """
+    if setting is None:
+        setting = QUICK if quick else Setting()
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [("epsilon", setting.epsilon_users, s) for s in range(setting.seeds)]
-    jobs += [("users", t, s) for t in setting.user_counts for s in range(setting.seeds)]
-    if benchmark:
+    jobs = []
+    if not benchmark_only:
+        jobs += [("epsilon", setting.epsilon_users, s) for s in range(setting.seeds)]
+        jobs += [
+            ("users", t, s) for t in setting.user_counts for s in range(setting.seeds)
+        ]
+    if benchmark or benchmark_only:
         jobs.append(("benchmark", setting.benchmark_users, 0))
     bar = progress(total=len(jobs), desc="lrs dp") if progress else None
     results = dict(
@@ -193,7 +215,7 @@ def run(
         bar.close()
     results["users_slope"] = _users_slope(results["users"])
     (out / "privacy_utility.json").write_text(json.dumps(results, indent=1))
-    if plot:
+    if plot and not benchmark_only:
         _plot(results, out / "privacy_utility.png")
     return results
 
@@ -294,7 +316,7 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def summary(results: dict) -> str:
-    """A plain-text table of the results."""
+    """A plain-text table of the results; exact (non-private) statistics apart."""
     lines = ["epsilon  subspace_dist  test_mse  (non-private: dist, mse)"]
     for row in results["epsilon"]:
         p, b = row["private"], row["non_private"]
@@ -330,5 +352,18 @@ def summary(results: dict) -> str:
             f"{'met' if bench['target_met'] else 'NOT met'}); subspace distance "
             f"{bench['private']['subspace_distance']:.3g} vs "
             f"{bench['non_private']['subspace_distance']:.3g}"
+        )
+    lines.append(
+        "NOT PRIVATE (exact statistics of the raw training data, for this "
+        "experiment only): clipped fraction at the last step, training loss"
+    )
+    rows = [(part, row) for part in ("epsilon", "users") for row in results[part]]
+    rows += [("benchmark", bench)] if bench is not None else []
+    for part, row in rows:
+        exact = row["private"]["nonprivate_diagnostics"]
+        lines.append(
+            f"  {part}: t={row['t']} epsilon={row['epsilon']:g} "
+            f"seed {row['seed']}: clipped {exact['clipped_fraction']:.3f}, "
+            f"loss {exact['training_loss']:.4g}"
         )
     return "\n".join(lines)

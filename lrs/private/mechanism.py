@@ -55,17 +55,6 @@ def histogram_bins(norms: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------ the noise
 
 
-class QuantileThresholds(NamedTuple):
-    """Integer thresholds of a private quantile's binary search.
-
-    Level ``l`` of column ``j`` asks whether ``count + sigma n_lj >= target``
-    with ``n_lj ~ N(0, 1)``; for an integer count that is
-    ``count >= ceil(target - sigma n_lj)``, computed in float64 before the fit.
-    """
-
-    levels: jax.Array  # shape=(SEARCH_LEVELS, s), dtype=int32
-
-
 class NoiseDraws(NamedTuple):
     """Every noise sample of one private fit, drawn before it (float64).
 
@@ -99,11 +88,17 @@ def symmetric_normal(key, n: int, dtype) -> jax.Array:
     return upper + jnp.triu(upper, 1).T
 
 
-def _thresholds(key, shape, target, sigma) -> jax.Array:
-    """``ceil(target - sigma N(0, 1))`` as int32, clipped to ``[0, 2^31 - 2]``."""
-    n = jax.random.normal(key, shape, jnp.float64)
-    raw = jnp.ceil(target - sigma * n)
-    return jnp.clip(raw, 0, 2.0**31 - 2).astype(jnp.int32)
+def quantile_thresholds(key, columns: int, num_users, quantile, z_histogram):
+    """``(SEARCH_LEVELS, columns)`` int32 thresholds of one private quantile.
+
+    ``ceil(quantile * t - 2 z_histogram n)`` with ``n ~ N(0, 1)`` drawn in
+    float64 (needs 64-bit types), clipped to ``[0, 2^31 - 2]``: level ``l``
+    accepts when the integer count reaches it (:func:`private_quantile`).
+    """
+    sigma = 2 * jnp.asarray(z_histogram, jnp.float64)
+    target = jnp.asarray(quantile, jnp.float64) * jnp.asarray(num_users, jnp.float64)
+    n = jax.random.normal(key, (SEARCH_LEVELS, columns), jnp.float64)
+    return jnp.clip(jnp.ceil(target - sigma * n), 0, 2.0**31 - 2).astype(jnp.int32)
 
 
 def draw_noise(
@@ -129,17 +124,16 @@ def draw_noise(
     """
     if not jax.config.jax_enable_x64:
         raise RuntimeError("draw_noise needs jax.enable_x64(True)")
-    sigma = 2 * jnp.asarray(z_histogram, jnp.float64)
-    target = jnp.asarray(quantile, jnp.float64) * jnp.asarray(num_users, jnp.float64)
+    counts = dict(num_users=num_users, quantile=quantile, z_histogram=z_histogram)
     k_levels, k_moment = jax.random.split(jax.random.fold_in(key, INIT_BRANCH))
-    init_levels = _thresholds(k_levels, (SEARCH_LEVELS, 1), target, sigma)
+    init_levels = quantile_thresholds(k_levels, 1, **counts)
     init_moment = symmetric_normal(k_moment, d, jnp.float64)
     k_steps = jax.random.fold_in(key, STEP_BRANCH)
 
     def one_step(i):
         k_q, k_G, k_H = jax.random.split(jax.random.fold_in(k_steps, i), 3)
         return (
-            _thresholds(k_q, (SEARCH_LEVELS, 2), target, sigma),
+            quantile_thresholds(k_q, 2, **counts),
             jax.random.normal(k_G, (d, r), jnp.float64),
             symmetric_normal(k_H, r, jnp.float64),
         )
@@ -162,7 +156,7 @@ def private_quantile(levels, norms: jax.Array, *, valid=None, axis=None) -> jax.
 
     A binary search over the fixed log2 bins: level ``l`` compares, per column,
     the integer count of users whose norm's bin is at most the midpoint with
-    the threshold ``levels[l]`` (:class:`QuantileThresholds`), which is the
+    the threshold ``levels[l]`` (:func:`quantile_thresholds`), which is the
     noisy count ``count + sigma n >= quantile * t`` decided exactly. Replacing
     one user changes each count by at most 1 (L2 at most sqrt(s) <= 2 over the
     columns for s <= 4), so with ``sigma = 2 z_h`` every level is a Gaussian

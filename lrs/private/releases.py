@@ -53,15 +53,11 @@ def _clip_level(levels, norms, fixed, axis=None):
     return jnp.where(jnp.isnan(fixed), chosen.astype(norms.dtype), fixed)
 
 
-def init_weights(levels, norms, eligible, noise: NoiseLevels, non_private, axis=None):
-    """The initialization's clip level and ``(t,)`` clip weights from the
-    ``(t,)`` moment norms; users not ``eligible`` count as norm 0, weight 0."""
+def init_clip(levels, norms, eligible, noise: NoiseLevels, axis=None):
+    """The initialization's clip level from the ``(t,)`` moment norms (users
+    not ``eligible`` count as norm 0)."""
     norms = jnp.where(eligible, norms, 0)
-    clip = _clip_level(levels, norms[:, None], noise.clip_moment[None], axis)[0]
-    weights = jnp.ones_like(norms)
-    if not non_private:
-        weights = mech.clip_weights(norms[:, None], clip[None])
-    return clip, jnp.where(eligible, weights, 0)
+    return _clip_level(levels, norms[:, None], noise.clip_moment[None], axis)[0]
 
 
 def init_release(M, normal, clip, z, rank: int):
@@ -75,10 +71,9 @@ def init_release(M, normal, clip, z, rank: int):
 def release_init(data, eligible, config, noise, draws, chunk, non_private, axis):
     """Released ``U_0 (d, r)``, the moment clip level and the noisy moment sum."""
     norms = moment_norms(data, chunk)
-    clip, weights = init_weights(
-        draws.init_levels, norms, eligible, noise, non_private, axis
-    )
-    M = moment_sum(data, weights, chunk, axis=axis)  # summed over devices
+    clip = init_clip(draws.init_levels, norms, eligible, noise, axis)
+    scale = eligible.astype(norms.dtype)
+    M = moment_sum(data, sum_clips(clip, non_private), scale, chunk, axis=axis)
     M, U = init_release(M, draws.init_moment, clip, noise.z, config.rank)
     return U, clip, M
 
@@ -97,22 +92,22 @@ def _newton_direction(G, H, noise_std) -> jax.Array:
     return (G @ Q / lam) @ Q.T
 
 
-def step_weights(
-    levels, batch_key, norms, eligible, noise, batch, non_private, axis=None
-):
-    """A step's clip levels, ``(t,)`` weights (clipping and batch) and clipped
-    fraction, from the ``(t, 2)`` norms of ``(G_i, H_i)``; with ``axis``, this
-    device's users. Users not ``eligible`` count as norm 0 and get weight 0."""
+def step_selection(levels, batch_key, norms, eligible, noise, batch, axis=None):
+    """A step's clip levels ``(2,)``, ``(t,)`` selection and clipped fraction.
+
+    From the ``(t, 2)`` norms of ``(G_i, H_i)`` (users not ``eligible`` count
+    as norm 0): the clip levels (fixed, or the private quantile); the
+    selection, 1 for eligible users in the step's batch and 0 otherwise; the
+    fraction of users these clip levels scale down (not released). With
+    ``axis``, this device's users.
+    """
     t_local = norms.shape[0]
     t = t_local if axis is None else axis.num_users
     norms = jnp.where(eligible[:, None], norms, 0)
     clips = _clip_level(levels, norms, noise.clip_step, axis)
-    weights = jnp.ones((t_local,), norms.dtype)
-    if not non_private:
-        weights = mech.clip_weights(norms, clips)
-    weights = jnp.where(eligible, weights, 0)
-    scaled = jnp.sum((weights < 1) & eligible, dtype=jnp.int32)
+    scaled = jnp.sum((mech.clip_weights(norms, clips) < 1) & eligible, dtype=jnp.int32)
     clipped = psum(scaled, axis) / t
+    selection = eligible.astype(norms.dtype)
     if batch < t:
         # The batch is drawn over all t users, as on one device; each device
         # keeps the chosen users it holds.
@@ -122,8 +117,13 @@ def step_weights(
             mine = (local >= 0) & (local < t_local)
             chosen = jnp.where(mine, local, t_local)
         in_batch = jnp.zeros((t_local,), norms.dtype).at[chosen].set(1, mode="drop")
-        weights = weights * in_batch
-    return clips, weights, clipped
+        selection = selection * in_batch
+    return clips, selection, clipped
+
+
+def sum_clips(clips, non_private: bool):
+    """The clip levels the sums use: ``clips``, or inf in the non-private mode."""
+    return jnp.full_like(clips, jnp.inf) if non_private else clips
 
 
 def step_noise(draws: mech.StepDraws, G, H, clips, z):
@@ -158,10 +158,12 @@ def release_step_statistics(
     Returns ``(G (d, r), H (r, r), clips (2,), clipped_fraction)``.
     """
     norms = step_norms(data, U, fits, chunk)
-    clips, weights, clipped = step_weights(
-        draws.levels, batch_key, norms, eligible, noise, batch, non_private, axis
+    clips, selection, clipped = step_selection(
+        draws.levels, batch_key, norms, eligible, noise, batch, axis
     )
-    G, H = step_sums(data, U, fits, weights, chunk, axis=axis)
+    G, H = step_sums(
+        data, U, fits, sum_clips(clips, non_private), selection, chunk, axis=axis
+    )
     G, H = step_noise(draws, G, H, clips, noise.z)
     return G, H, clips, clipped
 

@@ -61,20 +61,26 @@ def moment_norms(data: UserData, chunk: int | None) -> jax.Array:
     return map_user_chunks(fn, tuple(data), chunk)[0]
 
 
-def moment_sum(data: UserData, weights, chunk: int | None, *, axis=None) -> jax.Array:
-    """``(d, d)`` ``sum_i w_i a_i a_i^T`` (over all devices' users with ``axis``).
+def moment_sum(data: UserData, clip, scale, chunk: int | None, *, axis=None):
+    """``(d, d)`` clipped sum ``sum_i scale_i c_i a_i a_i^T`` (all devices' users
+    with ``axis``), ``c_i = min(1, clip / ||a_i||^2)``.
 
-    Computed as ``sum_i s_i s_i^T`` with ``s_i = sqrt(w_i) a_i``, exactly 0 for
-    ``w_i = 0`` (an overflowed ``a_i`` never meets a zero weight in a product).
+    The clip weight is computed here, from the very ``a_i`` that is summed
+    (recomputing a statistic can round differently), as ``sum_i s_i s_i^T``
+    with ``s_i = sqrt(scale_i c_i) a_i``, exactly 0 where the weight is 0 (an
+    overflowed ``a_i`` never meets a zero weight in a product). ``clip = inf``:
+    no clipping (non-finite users still add 0).
     """
 
     def fn(args, fresh):
-        X, y, mask, w = args
+        X, y, mask, scale = args
         a = _moment_vectors(*_masked(UserData(X, y, mask)), mask)
-        s = mech.weighted(a, jnp.sqrt(w * fresh))
+        norms = mech.safe_norm(a, -1)[:, None] ** 2
+        w = mech.clip_weights(norms, jnp.reshape(clip, (1,))) * scale * fresh
+        s = mech.weighted(a, jnp.sqrt(w))
         return None, s.T @ s
 
-    return map_user_chunks(fn, (*data, weights), chunk, axis=axis)[1]
+    return map_user_chunks(fn, (*data, scale), chunk, axis=axis)[1]
 
 
 def user_statistics(X, y, mask, U, fit: peruser.UserFit):
@@ -103,20 +109,25 @@ def step_norms(data: UserData, U, fits: peruser.UserFit, chunk) -> jax.Array:
     return map_user_chunks(fn, (*data, fits), chunk)[0]
 
 
-def step_sums(data: UserData, U, fits: peruser.UserFit, weights, chunk, *, axis=None):
-    """``(sum_i w_i G_i, sum_i w_i H_i)``, shapes ``(d, r)`` and ``(r, r)``.
+def step_sums(
+    data: UserData, U, fits: peruser.UserFit, clips, scale, chunk, *, axis=None
+):
+    """Clipped ``(sum_i scale_i c_i G_i, sum_i scale_i c_i H_i)``: ``(d, r), (r, r)``.
 
-    Users with ``w_i = 0`` add exactly 0. With ``axis`` (inside ``shard_map``)
-    the sums run over all devices' users.
+    ``c_i`` (:func:`lrs.private.mechanism.clip_weights` at ``clips (2,)``) is
+    computed here from the very ``G_i, H_i`` that are summed; users with weight
+    0 add exactly 0. ``clips = inf``: no clipping. With ``axis`` (inside
+    ``shard_map``) the sums run over all devices' users.
     """
 
     def fn(args, fresh):
-        X, y, mask, fit, w = args
+        X, y, mask, fit, scale = args
         G, H = user_statistics(X, y, mask, U, fit)
-        w = w * fresh
+        norms = jnp.stack([mech.safe_norm(G, (1, 2)), mech.safe_norm(H, (1, 2))], 1)
+        w = mech.clip_weights(norms, clips) * scale * fresh
         return None, (mech.weighted(G, w).sum(0), mech.weighted(H, w).sum(0))
 
-    return map_user_chunks(fn, (*data, fits, weights), chunk, axis=axis)[1]
+    return map_user_chunks(fn, (*data, fits, scale), chunk, axis=axis)[1]
 
 
 def local_outputs(fits: peruser.UserFit, eligible, d: int):

@@ -60,9 +60,9 @@ def _moment_norms_chunk(X, y, mask, config):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _moment_sum_chunk(X, y, mask, w, config):
+def _moment_sum_chunk(X, y, mask, scale, clip, config):
     data, _ = _usable(X, y, mask, config)
-    return alg.moment_sum(data, w, _chunk(X, config))
+    return alg.moment_sum(data, clip, scale, _chunk(X, config))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "norms"))
@@ -76,10 +76,10 @@ def _fits_chunk(X, y, mask, warm, U, config, norms: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _step_sums_chunk(X, y, mask, v, support, b, w, U, config):
+def _step_sums_chunk(X, y, mask, v, support, b, scale, clips, U, config):
     data, _ = _usable(X, y, mask, config)
-    fits = peruser.UserFit(v, support, b, jnp.zeros_like(w))
-    return alg.step_sums(data, U, fits, w, _chunk(X, config))
+    fits = peruser.UserFit(v, support, b, jnp.zeros_like(scale))
+    return alg.step_sums(data, U, fits, clips, scale, _chunk(X, config))
 
 
 # ---------------------------------------------------- releases (on the norms)
@@ -87,9 +87,9 @@ def _step_sums_chunk(X, y, mask, v, support, b, w, U, config):
 
 # The in-memory fit's own pieces, each compiled once (the passes between them
 # stream the users).
-_init_clip = jax.jit(alg.init_weights, static_argnames=("non_private",))
+_init_clip = jax.jit(alg.init_clip)
 _init_release = jax.jit(alg.init_release, static_argnames=("rank",))
-_step_clip = jax.jit(alg.step_weights, static_argnames=("batch", "non_private"))
+_step_clip = jax.jit(alg.step_selection, static_argnames=("batch",))
 
 
 @jax.jit
@@ -245,12 +245,11 @@ def fit_streamed(
     clip_moment, moment = nan, None
     if prepared.private_init:
         norms, eligible = map(jnp.asarray, _moment_norms(stream, config))
-        clip_moment, w = _init_clip(
-            draws.init_levels, norms, eligible, noise, non_private
-        )
+        clip_moment = _init_clip(draws.init_levels, norms, eligible, noise)
+        clip = alg.sum_clips(clip_moment, non_private)
         M = stream.total(
-            lambda X, y, mask, w: _moment_sum_chunk(X, y, mask, w, config),
-            np.asarray(w),
+            lambda X, y, mask, s: _moment_sum_chunk(X, y, mask, s, clip, config),
+            np.asarray(eligible, dtype),
         )
         moment, U = _init_release(
             M, draws.init_moment, clip_moment, noise.z, config.rank
@@ -265,20 +264,20 @@ def fit_streamed(
     rows = [_record(stream, fits, None, U, nans, float("nan"), num, truth)]
     released = dict(U=[U], G=[], H=[], moment=moment, clip_moment=clip_moment)
     for i in range(steps):
-        clips, w, clipped = _step_clip(
+        clips, selection, clipped = _step_clip(
             draws.step_levels[i],
             mech.batch_key(key, i),
             jnp.asarray(fits.norms),
             jnp.asarray(fits.eligible),
             noise,
             batch,
-            non_private,
         )
+        summed = alg.sum_clips(clips, non_private)
 
-        def part(X, y, mask, v, support, b, w, U=U):
-            return _step_sums_chunk(X, y, mask, v, support, b, w, U, config)
+        def part(X, y, mask, v, support, b, s, U=U, summed=summed):
+            return _step_sums_chunk(X, y, mask, v, support, b, s, summed, U, config)
 
-        G, H = stream.total(part, fits.v, fits.support, fits.b, np.asarray(w))
+        G, H = stream.total(part, fits.v, fits.support, fits.b, np.asarray(selection))
         step = mech.step_draws(draws, i)
         G, H, U_new = _step_release(step, U, G, H, clips, noise.z)
         U_old, U = U, U_new

@@ -1,0 +1,218 @@
+"""The audited programs and their attackers' scores (see :mod:`lrs.audit.run`).
+
+A scorer holds a jitted ``scores(keys (n,), *args) -> (n, len(observers))``
+and the arguments for D (``args_out``) and D' (``args_in``): ``n``
+independent runs of the mechanism, one per key, each reduced to one float64
+score per attacker (``observers``), higher when the canary is in. The
+attackers of one level score the same runs, so one compiled program serves
+them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lrs import peruser
+from lrs.audit import transcript
+from lrs.audit.canary import AuditProblem, Neighbours
+from lrs.config import AMHTConfig
+from lrs.private import accounting
+from lrs.private import algorithm as private_algorithm
+from lrs.private import mechanism as mech
+from lrs.private.config import DPConfig
+
+#: The attackers of each level, in the order of the score columns.
+STEP_OBSERVERS = ("final",)
+FIT_OBSERVERS = ("final", "transcript")
+
+
+class Scorer(NamedTuple):
+    """``scores(keys, *args_out)`` on D and ``scores(keys, *args_in)`` on D'."""
+
+    claim: float
+    z: float
+    sensitivity: float
+    scores: object  # jitted (keys (n,), *args) -> (n, len(observers)) scores
+    args_out: tuple
+    args_in: tuple
+    observers: tuple[str, ...]
+
+
+def _amht_config(problem: AuditProblem, num_iters: int) -> AMHTConfig:
+    return AMHTConfig(rank=problem.r, sparsity=problem.k, num_iters=num_iters, tol=0.0)
+
+
+def _faulty(noise, fault):
+    if fault == "half_noise":
+        return noise._replace(z=noise.z / 2, z_histogram=noise.z_histogram / 2)
+    return noise
+
+
+# ------------------------------------------------------------ one step
+
+
+def _step_draws(key, d: int, r: int, dtype) -> mech.StepDraws:
+    """One step's noise, drawn as the fit draws it (float64, then cast)."""
+    draws = mech.draw_noise(
+        key, steps=1, d=d, r=r, num_users=1, quantile=0.5, z_histogram=0.0
+    )
+    step = mech.step_draws(draws, 0)
+    return step._replace(G=step.G.astype(dtype), H=step.H.astype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("users", "skip_clip"))
+def _step_release(data, U, fit, key, noise, *, users, skip_clip):
+    """The audited release: noisy clipped ``(G, H)`` of one shared step."""
+    d, r = U.shape
+    G, H, _, _ = private_algorithm.noisy_step_statistics(
+        data,
+        U,
+        fit,
+        _step_draws(key, d, r, U.dtype),
+        mech.batch_key(key, 0),
+        noise,
+        users,
+        None,
+        skip_clip,
+    )
+    return G, H
+
+
+@functools.partial(jax.jit, static_argnames=("users", "skip_clip"))
+def _step_scores(keys, data, U, fit, noise, reference, *, users, skip_clip):
+    """Likelihood-ratio scores ``<(G, H) - (G0, H0), (dG, dH)>`` in clip units."""
+    G0, H0, dG, dH, clips = reference
+
+    def score(key):
+        G, H = _step_release(data, U, fit, key, noise, users=users, skip_clip=skip_clip)
+        G, H = G.astype(jnp.float64), H.astype(jnp.float64)
+        return jnp.sum((G - G0) / clips[0] * dG) + jnp.sum((H - H0) / clips[1] * dH)
+
+    return jax.vmap(score)(keys)[:, None]
+
+
+def step_scorer(problem: AuditProblem, neighbours: Neighbours, config) -> Scorer:
+    """One release of (G, H) at U = U*, fixed clips, calibrated to epsilon."""
+    amht = dataclasses.replace(_amht_config(problem, 1), rescue_fraction=0.0)
+    U = neighbours.truth_U
+    plan = accounting.Plan(
+        steps=1, private_init=False, moment_histogram=False, step_histogram=False
+    )
+    z = accounting.calibrate(plan, config.epsilon, config.delta, "pld")
+    claim = accounting.epsilon_spent(plan, z, config.delta, "pld")
+    local_step = jax.jit(peruser.per_user_step, static_argnums=(3,))
+    fit_out = local_step(neighbours.data_out, U, None, amht)
+    fit_in = local_step(neighbours.data_in, U, None, amht)
+    # Clip levels fixed in advance: the median norms of the base users'.
+    norms = private_algorithm.step_norms(neighbours.data_out, U, fit_out, None)
+    clips = jnp.median(norms[: problem.t], axis=0)
+    dtype = U.dtype
+    noise = private_algorithm.NoiseLevels(
+        jnp.asarray(z, dtype),
+        jnp.asarray(0.0, jnp.float32),
+        jnp.asarray(jnp.nan, dtype),
+        clips,
+    )
+    static = dict(users=problem.t + 1, skip_clip=config.fault == "no_clipping")
+    silent = noise._replace(z=jnp.zeros_like(noise.z))
+    key0 = jax.random.key(0)
+    G0, H0 = _step_release(neighbours.data_out, U, fit_out, key0, silent, **static)
+    G1, H1 = _step_release(neighbours.data_in, U, fit_in, key0, silent, **static)
+    G0, H0, G1, H1, clips64 = (a.astype(jnp.float64) for a in (G0, H0, G1, H1, clips))
+    dG, dH = (G1 - G0) / clips64[0], (H1 - H0) / clips64[1]
+    sensitivity = float(jnp.sqrt(jnp.sum(dG**2) + jnp.sum(dH**2)))
+    reference = (G0, H0, dG, dH, clips64)
+    loud = _faulty(noise, config.fault)
+    scores = functools.partial(_step_scores, **static)
+    return Scorer(
+        claim,
+        z,
+        sensitivity,
+        scores,
+        (neighbours.data_out, U, fit_out, loud, reference),
+        (neighbours.data_in, U, fit_in, loud, reference),
+        STEP_OBSERVERS,
+    )
+
+
+# ------------------------------------------------------------ the whole fit
+
+
+def _final_score(U, geometry):
+    """``'crafted'``/``'overflow'``: ``anchor^T U U^T w``, the tilt of U* e_1
+    toward w. ``'ordinary'``: ``|U^T a_in|^2 - |U^T a_out|^2``, how much more
+    of the D'-user's moment vector than of the D-user's the released U
+    captures."""
+    crafted, anchor, direction, a_out, a_in = geometry
+    U = U.astype(jnp.float64)
+    tilt = anchor @ U @ (U.T @ direction)
+    a_out, a_in = (jnp.where(jnp.isfinite(a), a, 0) for a in (a_out, a_in))
+    captured = jnp.sum((U.T @ a_in) ** 2) - jnp.sum((U.T @ a_out) ** 2)
+    return jnp.where(crafted, tilt, captured)
+
+
+@functools.partial(jax.jit, static_argnames=("prepared",))
+def _fit_scores(keys, data, noise, geometry, replay, *, prepared):
+    """Scores of whole private fits, one column per attacker of
+    :data:`FIT_OBSERVERS`: from the final U, and from every release
+    (:mod:`lrs.audit.transcript`)."""
+    prepared = prepared._replace(noise=noise)
+
+    def score(key):
+        params, _, history, released = private_algorithm.run_prepared(
+            data, prepared, key
+        )
+        whole = transcript.transcript_score(
+            replay,
+            released,
+            history["clip_gradient"][1:],
+            history["clip_gram"][1:],
+            prepared.config,
+            non_private=prepared.non_private,
+        )
+        return jnp.stack([_final_score(params.U, geometry), whole])
+
+    return jax.vmap(score)(keys)
+
+
+def fit_scorer(problem: AuditProblem, neighbours: Neighbours, config) -> Scorer:
+    """The whole private fit, calibrated to epsilon."""
+    amht = _amht_config(problem, config.num_iters)
+    dp = DPConfig(epsilon=config.epsilon, delta=config.delta)
+    prepared, data_out = private_algorithm.prepare(neighbours.data_out, amht, dp)
+    _, data_in = private_algorithm.prepare(neighbours.data_in, amht, dp)
+    noise = _faulty(prepared.noise, config.fault)
+    if config.fault == "no_clipping":
+        prepared = prepared._replace(non_private=True)
+    claim = accounting.epsilon_spent(prepared.plan, prepared.z, config.delta, "pld")
+    geometry = (
+        jnp.asarray(problem.canary != "ordinary"),
+        *(
+            a.astype(jnp.float64)
+            for a in (
+                neighbours.anchor,
+                neighbours.direction,
+                neighbours.moment_out,
+                neighbours.moment_in,
+            )
+        ),
+    )
+    replay = transcript.replay_data(data_out, data_in)
+    # Only the hashable, epsilon-independent fields are static: one compilation.
+    static = prepared._replace(noise=None, init_U=None, z=0.0, plan=None)
+    scores = functools.partial(_fit_scores, prepared=static)
+    return Scorer(
+        claim,
+        prepared.z,
+        math.nan,
+        scores,
+        (data_out, noise, geometry, replay),
+        (data_in, noise, geometry, replay),
+        FIT_OBSERVERS,
+    )

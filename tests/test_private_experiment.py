@@ -1,0 +1,58 @@
+"""``lrs dp`` (lrs.private.experiment): the study runs end to end at a tiny
+size, and its record keeps the exact, non-private statistics apart."""
+
+import json
+
+import pytest
+
+from lrs.private import experiment
+
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
+
+TINY = experiment.Setting(
+    d=8,
+    r=2,
+    k=1,
+    m=12,
+    private_iters=2,
+    epsilon_users=150,
+    user_counts=(150, 300),
+    benchmark_users=150,
+    seeds=1,
+)
+
+
+@pytest.mark.slow
+def test_lrs_dp_keeps_exact_statistics_apart_from_the_privacy_record(tmp_path):
+    results = experiment.run(tmp_path, quick=True, setting=TINY, plot=False)
+    saved = json.loads((tmp_path / "privacy_utility.json").read_text())
+    assert saved["benchmark"]["mse_ratio"] > 0
+    rows = [r["private"] for r in saved["epsilon"] + saved["users"]]
+    assert len(rows) == 5 + 2
+    rows.append(saved["benchmark"]["private"])
+    for row in rows:
+        assert row["privacy"]["epsilon"] <= row["privacy"]["epsilon_target"]
+        assert "clipped_fraction" not in row and "loss" not in row
+        assert set(row["nonprivate_diagnostics"]) == {
+            "clipped_fraction",
+            "training_loss",
+            "excluded_users",
+        }
+    text = experiment.summary(results)
+    table, exact = text.split("NOT PRIVATE")
+    assert "clipped" not in table and exact.count(", loss ") == len(rows)
+
+
+def test_benchmark_only_runs_the_benchmark_point_alone(tmp_path):
+    results = experiment.run(
+        tmp_path, quick=True, setting=TINY, plot=False, benchmark_only=True
+    )
+    assert results["epsilon"] == [] and results["users"] == []
+    bench = results["benchmark"]
+    assert bench["t"] == TINY.benchmark_users and bench["mse_ratio"] > 0
+    private = bench["private"]
+    assert "clipped_fraction" not in private and "loss" not in private
+    assert private["privacy"]["epsilon"] <= 1.0
+    table, exact = experiment.summary(results).split("NOT PRIVATE")
+    assert "benchmark t=" in table and "clipped" not in table
+    assert exact.count(", loss ") == 1

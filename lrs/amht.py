@@ -28,7 +28,7 @@ from lrs.params import LRSParams, SparseRows, weights
 from lrs.peruser import chunk_size, cold_supports, per_user_step, relative_residual
 from lrs.sharding import UserAxis, all_users, psum
 from lrs.shared import moment_init, update_U
-from lrs.validation import check_data, check_init, check_truth
+from lrs.validation import check_data, check_init, check_key, check_truth
 
 
 class AMHTState(NamedTuple):
@@ -354,7 +354,7 @@ def fit(
         config = dataclasses.replace(config, init="moments")
     if truth is not None:
         check_truth(truth, t, d)
-    key = jax.random.key(0) if key is None else key
+    key = check_key(key, default=jax.random.key(0))
     run = _fit
     if mesh is not None:
         run = _sharded_runner(data, mesh)

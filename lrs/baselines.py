@@ -38,7 +38,7 @@ from lrs.data import UserData
 from lrs.linalg import spd_solve, top_k_indices
 from lrs.params import LRSParams, SparseRows
 from lrs.peruser import per_user_step
-from lrs.validation import check_data
+from lrs.validation import check_data, check_key
 
 __all__ = [
     "BASELINES",
@@ -425,7 +425,7 @@ def convex(data: UserData, config, *, key=None):
     """
     cfg = _baseline_config(config)
     data = _check(data, 0, 2)
-    key = jax.random.key(0) if key is None else key
+    key = check_key(key, default=jax.random.key(0))
     X, y = _masked(data)
     train, valid = _validation_split(data.mask, cfg.validation_fraction, key)
     grid = sorted(cfg.convex_grid, reverse=True)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lrs.chunking import map_user_chunks
-from lrs.linalg import orthonormalize, spd_solve
+from lrs.linalg import jitter, orthonormalize, spd_solve
 from lrs.sharding import psum
 
 
@@ -70,26 +70,42 @@ def _dense_normal_matrix(data, V, chunk_size, axis=None) -> jax.Array:
     return map_user_chunks(fn, (data.X, data.mask, V), chunk_size, axis=axis)[1]
 
 
-def _pcg(apply, rhs, x0, precond, max_iters: int, tol, while_loop=jax.lax.while_loop):
-    """Preconditioned CG on matrices with the Frobenius inner product."""
-    res = rhs - apply(x0)
+def _pcg(
+    apply,
+    rhs,
+    x0,
+    precond,
+    max_iters: int,
+    tol,
+    while_loop=jax.lax.while_loop,
+    applied_x0=None,
+):
+    """Preconditioned CG on matrices with the Frobenius inner product
+    (``applied_x0``: ``apply(x0)`` if already computed)."""
+    res = rhs - (apply(x0) if applied_x0 is None else applied_x0)
     z = precond(res)
     rhs_norm = jnp.linalg.norm(rhs) + jnp.finfo(rhs.dtype).tiny
 
     def cond(c):
-        i, _, res, _, _, _ = c
-        return (i < max_iters) & (jnp.linalg.norm(res) > tol * rhs_norm)
+        i, _, res, _, _, rz, alive = c
+        return alive & (i < max_iters) & (jnp.linalg.norm(res) > tol * rhs_norm)
 
     def body(c):
-        i, x, res, z, p, rz = c
+        i, x, res, z, p, rz, _ = c
         Ap = apply(p)
-        alpha = rz / jnp.vdot(p, Ap)
+        curvature = jnp.vdot(p, Ap)
+        # Breakdown (a singular system, e.g. fewer users than the rank, or a
+        # direction the float precision cannot resolve): stop at the current x.
+        alive = (curvature > 0) & (rz > 0) & jnp.isfinite(curvature)
+        alpha = jnp.where(alive, rz / jnp.where(alive, curvature, 1), 0)
         x, res = x + alpha * p, res - alpha * Ap
         z = precond(res)
         rz_new = jnp.vdot(res, z)
-        return i + 1, x, res, z, z + (rz_new / rz) * p, rz_new
+        beta = jnp.where(alive, rz_new / jnp.where(alive, rz, 1), 0)
+        return i + alive.astype(i.dtype), x, res, z, z + beta * p, rz_new, alive
 
-    init = (jnp.zeros((), jnp.int32), x0, res, z, z, jnp.vdot(res, z))
+    rz0 = jnp.vdot(res, z)
+    init = (jnp.zeros((), jnp.int32), x0, res, z, z, rz0, jnp.isfinite(rz0))
     i, x, res, *_ = while_loop(cond, body, init)
     return x, i, jnp.linalg.norm(res) / rhs_norm
 
@@ -151,18 +167,34 @@ def solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol, while_loop=jax.lax.while
     """``U_ls (d, r)`` by CG from ``U`` with the normal operator ``apply(D)``.
 
     ``M (r, r) = sum_i m_i v_i v_i^T`` gives the right preconditioner
-    ``(M + ridge I)^-1``; ``while_loop`` may be :func:`host_while_loop` when
-    ``apply`` streams data from the host.
+    ``(c M + ridge I)^-1``, where ``c = <U, A U> / <U, U M>`` is the average
+    ``x^T x / d`` of the features measured on the starting point (1 for
+    standard Gaussian features): the operator is ``sum_i X_i^T X_i D v_i v_i^T``
+    and ``X_i^T X_i`` averages to ``c m_i I``, so features scaled by ``s``
+    (``c = s^2``) give CG iterates of the same size, with no overflow in float32
+    at ``s = 1e10`` nor underflow at ``1e-8``. ``while_loop`` may be
+    :func:`host_while_loop` when ``apply`` streams data from the host.
     """
     r = M.shape[0]
-    M = M + ridge * jnp.eye(r, dtype=M.dtype)
-    M_inv = jnp.linalg.inv(M + 1e-12 * jnp.trace(M) * jnp.eye(r, dtype=M.dtype))
+    eye = jnp.eye(r, dtype=M.dtype)
+    AU = apply(U)
+    scale = jnp.vdot(U, AU) / jnp.vdot(U, U @ M)
+    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1)
+    M = scale * M + ridge * eye
+    M_inv = jnp.linalg.inv(M + jitter(M.dtype) * (jnp.trace(M) / r) * eye)
 
     def regularized(D):
         return apply(D) + ridge * D
 
     U_ls, iters, rel = _pcg(
-        regularized, rhs, U, lambda G: G @ M_inv, max_iters, tol, while_loop
+        regularized,
+        rhs,
+        U,
+        lambda G: G @ M_inv,
+        max_iters,
+        tol,
+        while_loop,
+        applied_x0=AU + ridge * U,
     )
     return U_ls, SharedStats(iters, rel)
 

@@ -29,7 +29,7 @@ from lrs.data import UserData, float_dtype
 from lrs.errors import FitError
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows, weights
-from lrs.validation import check_init, check_truth
+from lrs.validation import check_init, check_key, check_truth
 
 # ----------------------------------------------------- per-chunk computations
 
@@ -232,7 +232,7 @@ def fit(
     """
     config, U0 = _check(data, config, chunk_users, truth)
     stream = _Stream(data, int(chunk_users))
-    key = jax.random.key(0) if key is None else key
+    key = check_key(key, default=jax.random.key(0))
     scale = _label_scale(stream)
     U = _initial_U(stream, config, key, U0, scale)
     state = _HostState(stream.t, config.rank, config.sparsity, stream.dtype)

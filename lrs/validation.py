@@ -102,10 +102,46 @@ def check_init(init, d: int, rank: int, dtype) -> np.ndarray:
 
 
 def check_truth(truth, t: int, d: int) -> None:
-    """Checks that planted parameters match the data's users and features."""
+    """Checks that planted parameters are an ``lrs.LRSParams`` matching the
+    data's ``t`` users and ``d`` features."""
+    from lrs.params import LRSParams
+
+    if not isinstance(truth, LRSParams):
+        raise ValueError(
+            f"truth must be an lrs.LRSParams (e.g. from lrs.synthetic.make_problem); "
+            f"got {type(truth).__name__}"
+        )
     U, V = np.shape(truth.U), np.shape(truth.V)
     if U[0] != d or V[0] != t or U[1] != V[1] or truth.B.dim != d:
         raise ValueError(
             f"truth must describe t = {t} users in d = {d} features; got "
             f"U {U}, V {V}, B dim {truth.B.dim}"
         )
+
+
+def check_key(key, *, name: str = "key", default=None):
+    """A single ``jax.random`` key (typed, or raw ``uint32`` of shape ``(2,)``).
+
+    ``None`` gives ``default``; with no default (the private fits, whose noise
+    the key is) ``None`` raises.
+
+    Raises:
+      ValueError: if ``key`` is not one key, or is None without a default.
+    """
+    if key is None:
+        if default is not None:
+            return default
+        raise ValueError(
+            f"{name} is required: the private fit's noise comes from it, so it "
+            "must be secret and fresh (e.g. jax.random.key(secrets.randbits(63)), "
+            "never reused); without noise epsilon is infinite"
+        )
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == np.uint32 and np.shape(key) == (2,)
+    if not ((typed and np.shape(key) == ()) or raw):
+        raise ValueError(
+            f"{name} must be one jax.random key (jax.random.key(seed)); got "
+            f"{type(key).__name__} of shape {np.shape(key)}"
+        )
+    return key

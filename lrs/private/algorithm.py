@@ -63,7 +63,7 @@ from lrs.private.statistics import (  # noqa: F401
     user_statistics,
 )
 from lrs.sharding import UserAxis, psum
-from lrs.validation import check_init, check_layout, check_truth
+from lrs.validation import check_init, check_key, check_layout, check_truth
 
 __all__ = [
     "NonPrivateDiagnostics",
@@ -423,29 +423,6 @@ def _run(
     B = params.B
     B = SparseRows(B.indices[:t], B.values[:t], B.dim)
     return LRSParams(params.U, params.V[:t], B), excluded[:t], history, released
-
-
-def check_key(key, name: str = "key"):
-    """The secret key of a private fit: required, a ``jax.random`` key.
-
-    Raises:
-      ValueError: if ``key`` is None or not a single ``jax.random`` key.
-    """
-    if key is None:
-        raise ValueError(
-            f"{name} is required: the private fit's noise comes from it, so it "
-            "must be secret and fresh (e.g. jax.random.key(secrets.randbits(63)), "
-            "never reused); without noise epsilon is infinite"
-        )
-    dtype = getattr(key, "dtype", None)
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    raw = dtype == np.uint32 and np.shape(key) == (2,)
-    if not ((typed and np.shape(key) == ()) or raw):
-        raise ValueError(
-            f"{name} must be one jax.random key (jax.random.key(seed)); got "
-            f"{type(key).__name__} of shape {np.shape(key)}"
-        )
-    return key
 
 
 def check_public_seed(public_seed) -> int:

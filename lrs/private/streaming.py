@@ -40,7 +40,7 @@ from lrs.private import mechanism as mech
 from lrs.private.config import DPConfig
 from lrs.private.result import finish
 from lrs.streaming import _drain, _error_chunk, _rows_count, _Stream
-from lrs.validation import check_truth
+from lrs.validation import check_key, check_truth
 
 # ----------------------------------------------------- per-chunk computations
 
@@ -225,7 +225,7 @@ def fit_streamed(
       ValueError: on a missing key, bad configuration, data layout or
         ``chunk_users`` (never because of the data's values).
     """
-    key = alg.check_key(key)
+    key = check_key(key)
     public_seed = alg.check_public_seed(public_seed)
     if isinstance(chunk_users, bool) or not isinstance(chunk_users, int | np.integer):
         raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users!r}")

@@ -71,10 +71,8 @@ def _state(U, fits: peruser.UserFit, data: UserData, half_step, axis=None):
 
 
 def initial_U(data: UserData, config: AMHTConfig, key, U0=None, axis=None):
-    """The starting ``U (d, r)``: ``U0``, an array ``config.init``, random, moments."""
+    """The starting ``U (d, r)``: ``U0`` if given, else random or moments."""
     d = data.X.shape[2]
-    if U0 is None and not isinstance(config.init, str):
-        U0 = jnp.asarray(config.init, data.X.dtype)
     if U0 is not None:
         return orthonormalize(U0)[0]
     if config.init == "random":
@@ -309,6 +307,7 @@ def fit(
     config: AMHTConfig,
     *,
     key=None,
+    U0=None,
     callback: Callable[[int, AMHTInfo], None] | None = None,
     truth: LRSParams | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -320,6 +319,8 @@ def fit(
       config: an :class:`AMHTConfig`.
       key: ``jax.random`` key (used by ``init='random'`` and the matrix-free
         initialization); default ``jax.random.key(0)``.
+      U0: a starting ``U (d, rank)`` of your own (full column rank, finite);
+        it replaces ``config.init`` and is orthonormalized first.
       callback: called as ``callback(iteration, info)`` after the initialization
         (iteration 0) and every iteration, with ``info`` an :class:`AMHTInfo` of
         Python floats; e.g. to draw a progress bar.
@@ -346,12 +347,8 @@ def fit(
         sharding.check_mesh(mesh)
     data = check_data(data, config)
     t, _, d = data.X.shape
-    U0 = None
-    if not isinstance(config.init, str):
-        U0 = jnp.asarray(check_init(config.init, d, config.rank, data.X.dtype))
-        # The array travels as U0 (it overrides config.init in initial_U); the
-        # config left behind is hashable, as jit needs.
-        config = dataclasses.replace(config, init="moments")
+    if U0 is not None:
+        U0 = jnp.asarray(check_init(U0, d, config.rank, data.X.dtype))
     if truth is not None:
         check_truth(truth, t, d)
     key = check_key(key, default=jax.random.key(0))

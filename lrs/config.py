@@ -21,8 +21,9 @@ class AMHTConfig:
       tol: stop when the subspace distance between successive U falls below
         ``tol``; ``None`` picks 1e-5 in float32 and 1e-10 in float64; 0 never stops.
       inner_steps: subspace-pursuit steps per user per iteration.
-      init: ``'moments'`` (top eigenvectors of ``sum y^2 x x^T``), ``'random'``
-        or a ``(d, rank)`` array to start from.
+      init: ``'moments'`` (top eigenvectors of ``sum y^2 x x^T``) or
+        ``'random'``. A starting U of your own is an argument of the fits,
+        ``fit(..., U0=U)``, not a config field (the config stays hashable).
       fresh_samples: split each user's samples into this many disjoint batches
         and use batch ``h mod fresh_samples`` for half-step ``h`` (as the theory
         assumes); 0 or 1 uses all samples every time.
@@ -52,7 +53,7 @@ class AMHTConfig:
     num_iters: int = 30
     tol: float | None = None
     inner_steps: int = 1
-    init: object = "moments"
+    init: str = "moments"
     fresh_samples: int = 0
     ridge: float = 0.0
     u_solver: str = "cg"
@@ -100,22 +101,13 @@ class AMHTConfig:
                 f"init_eigensolver must be one of {_EIGENSOLVERS}; "
                 f"got {self.init_eigensolver!r}"
             )
-        if isinstance(self.init, str):
-            if self.init not in ("moments", "random"):
-                raise ValueError(
-                    f"init must be 'moments', 'random' or a (d, rank) array; "
-                    f"got {self.init!r}"
-                )
-        elif np.ndim(self.init) != 2 or np.shape(self.init)[1] != self.rank:
-            raise ValueError(
-                f"init must be 'moments', 'random' or a (d, {self.rank}) array; "
-                f"got shape {np.shape(self.init)}"
-            )
-
-    def __hash__(self):
         if not isinstance(self.init, str):
-            raise TypeError("an AMHTConfig holding an init array is not hashable")
-        return hash(dataclasses.astuple(self))
+            raise ValueError(
+                "init must be 'moments' or 'random'; pass a starting U as "
+                f"fit(..., U0=U) instead of an array of shape {np.shape(self.init)}"
+            )
+        if self.init not in ("moments", "random"):
+            raise ValueError(f"init must be 'moments' or 'random'; got {self.init!r}")
 
     def tolerances(self, dtype) -> tuple[float, float]:
         """``(tol, cg_tol)`` with the dtype-dependent defaults filled in."""

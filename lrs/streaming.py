@@ -15,7 +15,6 @@ one chunk of data plus ``O(d r)`` (``O(d^2)`` for the dense moment matrix).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 
@@ -207,6 +206,7 @@ def fit(
     *,
     chunk_users: int,
     key=None,
+    U0=None,
     callback: Callable[[int, amht.AMHTInfo], None] | None = None,
     truth: LRSParams | None = None,
 ):
@@ -219,7 +219,7 @@ def fit(
       chunk_users: users copied to the device at a time (``>= 1``; ``>= t``
         means one chunk). Device memory is about ``chunk_users * m * d``
         floats times a small factor plus ``O(d r)``; see docs/scale.md.
-      key, callback, truth: as in :func:`lrs.fit` (``callback`` runs on the
+      key, U0, callback, truth: as in :func:`lrs.fit` (``callback`` runs on the
         host between iterations; an exception it raises stops the fit).
 
     Returns:
@@ -230,7 +230,7 @@ def fit(
       ValueError: on bad data, configuration or ``chunk_users``.
       FitError: if the iterates become non-finite.
     """
-    config, U0 = _check(data, config, chunk_users, truth)
+    config, U0 = _check(data, config, chunk_users, truth, U0)
     stream = _Stream(data, int(chunk_users))
     key = check_key(key, default=jax.random.key(0))
     scale = _label_scale(stream)
@@ -422,7 +422,7 @@ def _raise_if_nonfinite(params: LRSParams, diagnostics) -> None:
         )
 
 
-def _check(data, config, chunk_users, truth):
+def _check(data, config, chunk_users, truth, U0):
     """Host-side checks that read no data values; returns ``(config, U0)``."""
     if not isinstance(config, AMHTConfig):
         raise ValueError(
@@ -434,10 +434,8 @@ def _check(data, config, chunk_users, truth):
         raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users}")
     _check_host_data(data, config)
     t, _, d = data.X.shape
-    U0 = None
-    if not isinstance(config.init, str):
-        U0 = check_init(config.init, d, config.rank, float_dtype(data.X.dtype))
-        config = dataclasses.replace(config, init="moments")
+    if U0 is not None:
+        U0 = check_init(U0, d, config.rank, float_dtype(data.X.dtype))
     if truth is not None:
         check_truth(truth, t, d)
     return config, U0

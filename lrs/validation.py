@@ -88,16 +88,14 @@ def _check_finite_by_rows(a, name: str) -> None:
             raise ValueError(f"{name} contains NaN or inf values")
 
 
-def check_init(init, d: int, rank: int, dtype) -> np.ndarray:
-    """Validates a user-given initial U of shape ``(d, rank)``."""
-    U0 = _as_real_array(init, "init")
+def check_init(U0, d: int, rank: int, dtype) -> np.ndarray:
+    """Validates a user-given starting ``U0`` of shape ``(d, rank)``."""
+    U0 = _as_real_array(U0, "U0")
     if U0.shape != (d, rank):
-        raise ValueError(
-            f"init must have shape (d, rank) = {(d, rank)}; got {U0.shape}"
-        )
-    _check_finite(U0, "init")
+        raise ValueError(f"U0 must have shape (d, rank) = {(d, rank)}; got {U0.shape}")
+    _check_finite(U0, "U0")
     if np.linalg.matrix_rank(np.asarray(U0, np.float64)) < rank:
-        raise ValueError("init must have full column rank")
+        raise ValueError("U0 must have full column rank")
     return np.asarray(U0, dtype)
 
 

@@ -303,28 +303,24 @@ def test_random_init_recovers(easy):
     assert _support(params, truth) == 1.0
 
 
-def test_given_init_array_is_used_and_recovers(easy):
+def test_given_U0_is_used_and_recovers(easy):
     data, truth = easy
     rng = np.random.default_rng(2)
     U0 = np.asarray(truth.U) * 3 + 0.2 * rng.standard_normal((30, 3))  # not orthonormal
     U0_before = U0.copy()
-    params, diag = lrs.fit(data, dataclasses.replace(FAST, init=U0), truth=truth)
+    params, diag = lrs.fit(data, FAST, U0=U0, truth=truth)
     np.testing.assert_array_equal(U0, U0_before)
     start = float(subspace_distance(orthonormalize(jnp.asarray(U0))[0], truth.U))
     assert diag.subspace_distance[0] == pytest.approx(start, rel=1e-9)
     assert _rel_err(params, truth) < RECOVERY_TOL[np.float64]
 
 
-def test_public_init_accepts_an_array_init_and_U0_overrides_it(easy):
+def test_public_init_starts_from_U0(easy):
     data, truth = easy
     rng = np.random.default_rng(4)
     U0 = np.asarray(truth.U) + 0.1 * rng.standard_normal((30, 3))
-    config = dataclasses.replace(FAST, init=U0)
-    state = lrs.init(data, config, jax.random.key(0))
+    state = lrs.init(data, FAST, jax.random.key(0), U0=jnp.asarray(U0))
     assert float(subspace_distance(state.U, orthonormalize(jnp.asarray(U0))[0])) < 1e-12
-    other = np.asarray(truth.U)
-    state = lrs.init(data, config, jax.random.key(0), U0=jnp.asarray(other))
-    assert float(subspace_distance(state.U, truth.U)) < 1e-12
 
 
 def test_fresh_samples_still_recover_with_enough_samples():
@@ -456,12 +452,12 @@ def _nan(field):
             dict(rank=2, sparsity=1),
             r"\bdata\b.*UserData",
         ),
-        (_tiny, dict(rank=2, sparsity=1, init=np.ones((5, 2))), r"\binit\b.*shape"),
-        (_tiny, dict(rank=2, sparsity=1, init=np.ones((6, 2))), r"\binit\b.*rank"),
+        (_tiny, dict(rank=2, sparsity=1, U0=np.ones((5, 2))), r"\bU0\b.*shape"),
+        (_tiny, dict(rank=2, sparsity=1, U0=np.ones((6, 2))), r"\bU0\b.*rank"),
         (
             _tiny,
-            dict(rank=2, sparsity=1, init=np.full((6, 2), np.nan)),
-            r"\binit\b.*NaN",
+            dict(rank=2, sparsity=1, U0=np.full((6, 2), np.nan)),
+            r"\bU0\b.*NaN",
         ),
     ],
     ids=[
@@ -479,15 +475,17 @@ def _nan(field):
         "X-2d",
         "zero-users",
         "not-UserData",
-        "init-shape",
-        "init-rank-deficient",
-        "init-nan",
+        "U0-shape",
+        "U0-rank-deficient",
+        "U0-nan",
     ],
 )
 def test_fit_refuses_bad_input_naming_the_argument(make_data, config_kw, match):
+    config_kw = dict(config_kw)
+    U0 = config_kw.pop("U0", None)
     config = lrs.AMHTConfig(**config_kw)
     with pytest.raises(ValueError, match=match):
-        lrs.fit(make_data(), config)
+        lrs.fit(make_data(), config, U0=U0)
 
 
 @pytest.mark.parametrize(

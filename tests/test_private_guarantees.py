@@ -285,3 +285,19 @@ def test_the_transcript_holds_every_release_and_U_is_its_post_processing():
         clips = jnp.asarray([tr.clip_gradient[i], tr.clip_gram[i]])
         U_next = alg.step_update(tr.U[i], tr.G[i], tr.H[i], clips, z)
         np.testing.assert_allclose(U_next, tr.U[i + 1], atol=1e-10)
+
+
+@pytest.mark.parametrize("fit", FITS.values(), ids=FITS.keys())
+def test_a_public_starting_U_releases_no_initialization(fit):
+    data, truth = _problem("float64")
+    U0 = np.asarray(truth.U) + 0.1
+    _, diag = fit(data, CONFIG, DP, key=jax.random.key(3), U0=U0, transcript=True)
+    record = diag.privacy
+    plan = private.plan_for(CONFIG, DP, T, public_U0=True)
+    assert not plan.private_init and record.compositions == plan.compositions
+    assert record.clip_moment is None and diag.transcript.moment is None
+    expected = np.linalg.qr(U0)[0]
+    np.testing.assert_allclose(
+        np.abs(diag.transcript.U[0]), np.abs(expected), atol=1e-12
+    )
+    assert record.epsilon <= DP.epsilon

@@ -246,9 +246,12 @@ def _check_config(config, dp_config) -> AMHTConfig:
     return dataclasses.replace(config, rescue_fraction=0.0)
 
 
-def plan_for(config: AMHTConfig, dp_config: DPConfig, t: int) -> accounting.Plan:
-    """The releases a fit of ``t`` users under ``config`` makes."""
-    private_init = isinstance(config.init, str) and config.init == "moments"
+def plan_for(
+    config: AMHTConfig, dp_config: DPConfig, t: int, *, public_U0: bool = False
+) -> accounting.Plan:
+    """The releases a fit of ``t`` users under ``config`` makes (``public_U0``:
+    the fit starts from a given, public U0 and releases no initialization)."""
+    private_init = config.init == "moments" and not public_U0
     return accounting.Plan(
         steps=config.num_iters,
         private_init=private_init,
@@ -266,13 +269,15 @@ def batch_size(dp_config: DPConfig, t: int) -> int:
     return max(1, min(t, round(dp_config.sampling_rate * t)))
 
 
-def noise_multiplier(config: AMHTConfig, dp_config: DPConfig, t: int) -> float:
+def noise_multiplier(
+    config: AMHTConfig, dp_config: DPConfig, t: int, *, public_U0: bool = False
+) -> float:
     """The z of a fit of ``t`` users: calibrated, or the given one checked.
 
     Raises:
       ValueError: if a given ``noise_multiplier`` spends more than ``epsilon``.
     """
-    plan = plan_for(config, dp_config, t)
+    plan = plan_for(config, dp_config, t, public_U0=public_U0)
     name = dp_config.resolved_accountant
     if dp_config.noise_multiplier is None:
         return accounting.calibrate(plan, dp_config.epsilon, dp_config.delta, name)
@@ -303,11 +308,14 @@ class Prepared(NamedTuple):
     batch: int
     non_private: bool
     private_init: bool
-    init_U: jax.Array | None  # a given initial U (``config.init`` an array)
+    init_U: jax.Array | None  # a given, public starting U (``U0``)
 
 
-def prepare(data: UserData, config: AMHTConfig, dp_config: DPConfig):
+def prepare(data: UserData, config: AMHTConfig, dp_config: DPConfig, U0=None):
     """Checks the arguments and calibrates the noise: ``(Prepared, data)``.
+
+    ``U0``: a public starting U (data-independent); the fit then releases no
+    initialization.
 
     Only public facts are checked (types, shapes, the configuration): the
     values of the data never refuse a private fit (:func:`usable_users`).
@@ -317,13 +325,14 @@ def prepare(data: UserData, config: AMHTConfig, dp_config: DPConfig):
     t, _, d = data.X.shape
     dtype = data.X.dtype
     init_U = None
-    private_init = isinstance(config.init, str) and config.init == "moments"
-    if not isinstance(config.init, str):
-        init_U = jnp.asarray(check_init(config.init, d, config.rank, dtype))
-        init_U = orthonormalize(init_U)[0]
-        config = dataclasses.replace(config, init="random")
-    plan = plan_for(config, dp_config, t)
-    z = 0.0 if dp_config.non_private else noise_multiplier(config, dp_config, t)
+    if U0 is not None:
+        init_U = orthonormalize(jnp.asarray(check_init(U0, d, config.rank, dtype)))[0]
+    public = init_U is not None
+    private_init = config.init == "moments" and not public
+    plan = plan_for(config, dp_config, t, public_U0=public)
+    z = 0.0
+    if not dp_config.non_private:
+        z = noise_multiplier(config, dp_config, t, public_U0=public)
 
     def fixed(value):
         return jnp.asarray(np.nan if value is None else value, dtype)
@@ -438,6 +447,7 @@ def fit(
     *,
     key,
     public_seed: int = 0,
+    U0=None,
     truth: LRSParams | None = None,
     callback: Callable[[int, dict], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -461,8 +471,8 @@ def fit(
     Args:
       data: the users' data ``X (t, m, d)``, ``y, mask (t, m)``.
       config: an :class:`lrs.AMHTConfig` (rank, sparsity, num_iters, ...).
-        ``init='moments'`` is the private initialization; ``'random'`` or an
-        array (public, data-independent) release nothing.
+        ``init='moments'`` is the private initialization; ``'random'``
+        (from ``public_seed``) releases nothing.
       dp_config: a :class:`DPConfig`.
       key: the secret ``jax.random`` key of the noise and the batches
         (required): fresh for every fit and never published, e.g.
@@ -470,6 +480,8 @@ def fit(
         remove the noise.
       public_seed: seed of the public random ``U_0`` of ``init='random'``
         (default 0); separate from ``key``, since ``U_0`` is released.
+      U0: a public starting ``U (d, rank)`` (data-independent, e.g. from an
+        earlier release); replaces ``config.init``, releases nothing.
       truth: planted parameters, to track the subspace distance of the
         released U (and, with ``nonprivate_diagnostics``, the exact error).
       callback: ``callback(iteration, info)`` after the fit, once per
@@ -499,7 +511,7 @@ def fit(
     public_seed = check_public_seed(public_seed)
     if mesh is not None:
         sharding.check_mesh(mesh)
-    prepared, data = prepare(data, config, dp_config)
+    prepared, data = prepare(data, config, dp_config, U0)
     t, _, d = data.X.shape
     if truth is not None:
         check_truth(truth, t, d)

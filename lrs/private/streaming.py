@@ -192,6 +192,7 @@ def fit_streamed(
     chunk_users: int,
     key,
     public_seed: int = 0,
+    U0=None,
     truth: LRSParams | None = None,
     callback: Callable[[int, dict], None] | None = None,
     transcript: bool = False,
@@ -209,7 +210,7 @@ def fit_streamed(
     Args:
       data: a :class:`lrs.UserData` whose arrays may be numpy or memory-mapped
         (:meth:`lrs.UserData.from_host`); never modified, never copied whole.
-      config, dp_config, key, public_seed, truth, transcript,
+      config, dp_config, key, public_seed, U0, truth, transcript,
         nonprivate_diagnostics: as in :func:`lrs.private.fit` (``key`` is
         required and must be secret and fresh).
       chunk_users: users copied to the device at a time (an integer ``>= 1``;
@@ -231,7 +232,7 @@ def fit_streamed(
         raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users!r}")
     if chunk_users < 1:
         raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users}")
-    prepared, data = alg.prepare(data, config, dp_config)
+    prepared, data = alg.prepare(data, config, dp_config, U0)
     stream = _Stream(data, int(chunk_users))
     t, d = stream.t, stream.d
     if truth is not None:

@@ -88,7 +88,10 @@ def _pcg(
 
     def cond(c):
         i, _, res, _, _, rz, alive = c
-        return alive & (i < max_iters) & (jnp.linalg.norm(res) > tol * rhs_norm)
+        # At least one iteration: a step that stops before moving would let the
+        # fit read "U did not change" as converged (issue 16).
+        unmet = (i < 1) | (jnp.linalg.norm(res) > tol * rhs_norm)
+        return alive & (i < max_iters) & unmet
 
     def body(c):
         i, x, res, z, p, rz, _ = c

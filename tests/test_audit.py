@@ -1,6 +1,7 @@
 """Specification of lrs.audit: exact binomial bounds, the epsilon lower bound,
 and canary audits that stay below the claim and catch broken mechanisms."""
 
+import dataclasses
 import json
 import math
 
@@ -135,19 +136,73 @@ def test_step_audit_flags_a_broken_mechanism(fault, epsilon, trials):
 
 def test_fit_audit_stays_below_the_claim_and_flags_skipped_clipping():
     problem = audit.AuditProblem(t=20)
-    honest = audit.audit(
-        audit.AuditConfig(level="fit", epsilon=0.5, trials=200, num_iters=2),
-        problem,
-    )
-    assert not honest.flagged and honest.bound.epsilon <= 0.5
-    broken = audit.audit(
-        audit.AuditConfig(
-            level="fit", epsilon=0.5, trials=200, num_iters=2, fault="no_clipping"
-        ),
-        problem,
-    )
+    config = audit.AuditConfig(level="fit", epsilon=0.5, trials=200, num_iters=2)
+    honest = audit.audit_attackers(config, problem)
+    assert set(honest) == {"final", "transcript"}
+    for observe, result in honest.items():
+        assert result.observe == observe and result.dtype == "float64"
+        assert not result.flagged and result.bound.epsilon <= 0.5
+    broken = audit.audit(dataclasses.replace(config, fault="no_clipping"), problem)
+    assert broken.observe == "final"
     assert broken.flagged and broken.bound.epsilon > 0.5
-    assert broken.epsilon_claimed == pytest.approx(honest.epsilon_claimed)
+    assert broken.epsilon_claimed == pytest.approx(honest["final"].epsilon_claimed)
+
+
+def test_transcript_attacker_is_tighter_than_the_final_u_attacker():
+    # Same runs for both attackers, and the compiled program of the test above
+    # (epsilon is traced; batches of 200 runs).
+    config = audit.AuditConfig(
+        level="fit", epsilon=8.0, trials=600, num_iters=2, batch_trials=200
+    )
+    found = audit.audit_attackers(config, audit.AuditProblem(t=20))
+    final, whole = found["final"], found["transcript"]
+    assert not whole.flagged and whole.bound.epsilon <= whole.epsilon_claimed
+    # The final U forgets most of the canary's pushes (bound 0 here); the
+    # likelihood ratio of every release adds them up.
+    assert whole.bound.epsilon > max(final.bound.epsilon, 0.1)
+
+
+def test_key_reuse_is_flagged_with_few_trials():
+    # One key for every run on D and on D' (the old default key(0)): the noise
+    # cancels and the canary's effect alone separates the two data sets.
+    config = audit.AuditConfig(level="step", epsilon=1.0, trials=200, fault="key_reuse")
+    result = audit.audit(config, audit.AuditProblem(t=20))
+    assert result.flagged and result.bound.epsilon > 3 * result.epsilon_claimed
+    assert result.fault == "key_reuse"
+
+
+def test_overflow_canary_in_float32_gives_finite_scores_and_is_not_flagged():
+    problem = audit.AuditProblem(t=20, canary="overflow", dtype="float32")
+    n = audit.neighbouring_datasets(problem, jax.random.key(0))
+    assert n.data_out.X.dtype == np.float32
+    # D holds D''s slot user times 1e20: its statistics overflow float32.
+    X_in, y_in = np.asarray(n.data_in.X[-1]), np.asarray(n.data_in.y[-1])
+    X_out, y_out = np.asarray(n.data_out.X[-1]), np.asarray(n.data_out.y[-1])
+    np.testing.assert_allclose(X_out, 1e20 * X_in, rtol=1e-6)
+    np.testing.assert_allclose(y_out, 1e20 * y_in, rtol=1e-6)
+    with np.errstate(all="ignore"):
+        assert not np.all(np.isfinite(X_out.T @ y_out))
+    # Before the fix the fit raised (or gave NaN) on D only: non-finite scores
+    # make audit() raise FitError. Now both sides fit, and the bound holds.
+    step = audit.audit(
+        audit.AuditConfig(level="step", epsilon=4.0, trials=2_000), problem
+    )
+    assert step.dtype == "float32" and not step.flagged
+    # The scaled user contributes nothing: D' differs by one clipped user.
+    assert step.sensitivity_used == pytest.approx(1.0, abs=0.05)
+    fit = audit.audit_attackers(
+        audit.AuditConfig(level="fit", epsilon=4.0, trials=200), problem
+    )
+    assert not any(r.flagged for r in fit.values())
+
+
+def test_float32_step_audit_matches_float64():
+    config = audit.AuditConfig(level="step", epsilon=4.0, trials=2_000)
+    single = audit.audit(config, audit.AuditProblem(t=20, dtype="float32"))
+    double = audit.audit(config, audit.AuditProblem(t=20))
+    assert single.dtype == "float32" and not single.flagged
+    assert single.sensitivity_used == pytest.approx(double.sensitivity_used, rel=1e-3)
+    assert abs(single.bound.epsilon - double.bound.epsilon) < 0.5
 
 
 def test_audit_is_reproducible_and_does_not_modify_its_inputs():
@@ -183,6 +238,8 @@ def test_neighbouring_datasets_differ_in_one_user_only():
         (dict(level="all"), "level"),
         (dict(fault="typo"), "fault"),
         (dict(num_iters=0), "num_iters"),
+        (dict(level="fit", observe="all"), "observe"),
+        (dict(level="step", observe="transcript"), "observe"),
     ],
 )
 def test_bad_audit_config_is_refused(kwargs, match):
@@ -198,6 +255,13 @@ def test_bad_audit_config_is_refused(kwargs, match):
         (dict(r=5, k=5), "r \\+ k < d"),
         (dict(t=0), "t must"),
         (dict(canary_scale=0.0), "canary_scale"),
+        (dict(canary="overflow", m=5), "m >= d"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(dtype=np.float32), "dtype"),
+        (dict(overflow_scale=0.0), "overflow_scale"),
+        (dict(overflow_scale=float("inf")), "overflow_scale"),
+        (dict(overflow_scale=True), "overflow_scale"),
+        (dict(overflow_scale="1e20"), "overflow_scale"),
     ],
 )
 def test_bad_audit_problem_is_refused(kwargs, match):
@@ -230,7 +294,7 @@ def test_bad_bound_arguments_are_refused():
 # ------------------------------------------------------------- experiment
 
 
-def _fake_results(flag_honest: bool, flag_broken: bool) -> dict:
+def _fake_results(flag_honest: bool, flag_broken: bool, flag_reuse=True) -> dict:
     def row(kind, eps, bound, fault, flagged):
         return dict(
             kind=kind,
@@ -243,12 +307,13 @@ def _fake_results(flag_honest: bool, flag_broken: bool) -> dict:
             bound=dict(epsilon=bound, estimate=float("inf")),
         )
 
+    honest = 1.5 if flag_honest else 0.5
     rows = [
-        row(
-            "step, crafted canary", 1.0, 1.5 if flag_honest else 0.5, None, flag_honest
-        ),
+        row("step, crafted canary", 1.0, honest, None, flag_honest),
         row("fit, crafted canary", 1.0, 0.1, None, False),
+        row("fit, crafted canary, transcript attacker", 1.0, 0.3, None, False),
         row("step, crafted, BROKEN: half noise", 4.0, 5.0, "half_noise", flag_broken),
+        row("step, crafted, BROKEN: one key reused", 1.0, 7.0, "key_reuse", flag_reuse),
     ]
     return dict(rows=rows, seconds=3.0, setting=dict(delta=1e-5))
 
@@ -260,9 +325,22 @@ def test_summary_states_the_verdict_and_plot_draws(tmp_path):
     assert "UNEXPECTED" in bad
     missed = experiment.summary(_fake_results(False, False))
     assert "UNEXPECTED" in missed
+    reused = experiment.summary(_fake_results(False, True, flag_reuse=False))
+    assert "UNEXPECTED" in reused
     experiment._plot(_fake_results(False, True), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert experiment._finite({"a": [float("inf"), 1.0]}) == {"a": [None, 1.0]}
+
+
+def test_experiment_table_has_the_new_rows():
+    kinds = [kind for kind, _, _ in experiment._jobs(experiment.Setting())]
+    assert "step, crafted, BROKEN: one key reused" in kinds
+    assert "fit, overflow canary (1e20 user), float32" in kinds
+    assert "step, crafted canary, float32" in kinds
+    quick = {kind: (c, p) for kind, c, p in experiment._jobs(experiment.QUICK)}
+    config, problem = quick["step, overflow canary (1e20 user), float32"]
+    assert problem.dtype == "float32" and problem.canary == "overflow"
+    assert quick["step, crafted, BROKEN: one key reused"][0].fault == "key_reuse"
 
 
 @pytest.mark.slow
@@ -276,12 +354,15 @@ def test_experiment_writes_json_plot_and_a_verdict(tmp_path):
         fit_users=20,
         control_trials=100_000,
         control_epsilon=4.0,
+        float32_levels=("step",),
+        float32_trials=20_000,
     )
     results = experiment.run(tmp_path, setting=setting)
     saved = json.loads((tmp_path / "privacy_audit.json").read_text())
     assert (tmp_path / "privacy_audit.png").stat().st_size > 0
     kinds = [row["kind"] for row in saved["rows"]]
-    assert kinds.count("step, crafted canary") == 2 and len(kinds) == 7
+    assert kinds.count("step, crafted canary") == 2 and len(kinds) == 13
+    assert kinds.count("fit, crafted canary, transcript attacker") == 2
     text = experiment.summary(results)
     assert "broken control is flagged" in text, text
 

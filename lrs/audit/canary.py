@@ -105,7 +105,7 @@ class AuditProblem:
                 raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
         if self.canary_scale <= 0:
             raise ValueError(f"canary_scale must be > 0; got {self.canary_scale!r}")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
         _finite_positive("overflow_scale", self.overflow_scale)
 
@@ -152,25 +152,30 @@ def neighbouring_datasets(problem: AuditProblem, key) -> Neighbours:
             f"problem must be an AuditProblem; got {type(problem).__name__}"
         )
     sizes = dataclasses.replace(
-        problem, canary="crafted", canary_scale=1.0, overflow_scale=1.0
+        problem, canary="crafted", canary_scale=1.0, overflow_scale=1.0, dtype="float64"
     )
     with jax.enable_x64(True):
-        dtype = jnp.dtype(problem.dtype)
-        return _neighbours(
+        neighbours = _neighbours(
             sizes,
             key,
             jnp.asarray(problem.canary != "ordinary"),
             jnp.asarray(problem.canary == "overflow"),
-            jnp.asarray(problem.canary_scale, dtype),
-            jnp.asarray(problem.overflow_scale, dtype),
+            jnp.asarray(problem.canary_scale, jnp.float64),
+            jnp.asarray(problem.overflow_scale, jnp.float64),
+        )
+        # float32 data are the float64 data rounded: one compilation, and the
+        # float32 audits see the same users as the float64 ones.
+        dtype = jnp.dtype(problem.dtype)
+        return jax.tree.map(
+            lambda a: a.astype(dtype) if a.dtype.kind == "f" else a, neighbours
         )
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _neighbours(sizes: AuditProblem, key, crafted, overflow, scale, blow_up):
     """Both kinds of slot users are drawn; ``crafted`` and ``overflow``
-    (traced) pick them, so one compilation serves every canary."""
-    dtype = jnp.dtype(sizes.dtype)
+    (traced) pick them, so one compilation serves every canary (float64)."""
+    dtype = jnp.float64
     p = sizes
     k_base, k_design, k_dir = jax.random.split(key, 3)
     data, truth = make_problem(

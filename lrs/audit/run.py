@@ -216,27 +216,15 @@ def _check_arguments(config, problem) -> AuditProblem:
     return problem
 
 
-def audit_attackers(
-    config: AuditConfig,
-    problem: AuditProblem | None = None,
-    *,
-    key=None,
-    progress: bool = False,
-) -> dict[str, AuditResult]:
-    """:func:`audit` for every attacker of ``config.level`` on the same runs.
-
-    ``level='step'``: ``{'final': ...}``; ``level='fit'``: ``{'final': ...,
-    'transcript': ...}`` (``config.observe`` is not used). Each bound holds
-    with probability ``config.confidence`` on its own.
-    """
-    problem = _check_arguments(config, problem)
+def _audit(config, problem, key, progress, observers) -> dict[str, AuditResult]:
+    """The audit of ``config`` on ``problem``, one result per attacker."""
     key = jax.random.key(0) if key is None else key
     k_data, k_runs = jax.random.split(key)
     start = time.perf_counter()
     with jax.enable_x64(True):
         neighbours = neighbouring_datasets(problem, k_data)
         make = step_scorer if config.level == "step" else fit_scorer
-        scorer = make(problem, neighbours, config)
+        scorer = make(problem, neighbours, config, observers)
         scores_in, scores_out = _both_sides(scorer, config, k_runs, progress)
     seconds = time.perf_counter() - start
     results = {}
@@ -291,5 +279,23 @@ def audit(
       FitError: if a run gives a non-finite score (a fit broken by its data).
     """
     problem = _check_arguments(config, problem)
-    results = audit_attackers(config, problem, key=key, progress=progress)
-    return results[config.observe]
+    return _audit(config, problem, key, progress, (config.observe,))[config.observe]
+
+
+def audit_attackers(
+    config: AuditConfig,
+    problem: AuditProblem | None = None,
+    *,
+    key=None,
+    progress: bool = False,
+) -> dict[str, AuditResult]:
+    """:func:`audit` for every attacker of ``config.level``, on the same runs.
+
+    ``level='step'``: ``{'final': ...}``; ``level='fit'``: ``{'final': ...,
+    'transcript': ...}`` (``config.observe`` is not used). Each bound holds
+    with probability ``config.confidence`` on its own; ``seconds`` is the
+    time of the shared runs.
+    """
+    problem = _check_arguments(config, problem)
+    observers = OBSERVE if config.level == "fit" else ("final",)
+    return _audit(config, problem, key, progress, observers)

@@ -3,9 +3,8 @@
 A scorer holds a jitted ``scores(keys (n,), *args) -> (n, len(observers))``
 and the arguments for D (``args_out``) and D' (``args_in``): ``n``
 independent runs of the mechanism, one per key, each reduced to one float64
-score per attacker (``observers``), higher when the canary is in. The
-attackers of one level score the same runs, so one compiled program serves
-them all.
+score per attacker (``observers``), higher when the canary is in. Several
+attackers of one level score the same runs.
 """
 
 from __future__ import annotations
@@ -97,8 +96,47 @@ def _step_scores(keys, data, U, fit, noise, reference, *, users, skip_clip):
     return jax.vmap(score)(keys)[:, None]
 
 
-def step_scorer(problem: AuditProblem, neighbours: Neighbours, config) -> Scorer:
-    """One release of (G, H) at U = U*, fixed clips, calibrated to epsilon."""
+@functools.partial(jax.jit, static_argnames=("amht", "users", "skip_clip"))
+def _step_setup(data_out, data_in, U, z, *, amht, users, skip_clip):
+    """The local fits at U, the clip levels (the base users' median norms,
+    fixed in advance), the noise levels and the noiseless releases' difference
+    ``(dG, dH)`` in clip units. One program, D and D' side by side (vmap): a
+    few compilations, not many."""
+    static = dict(users=users, skip_clip=skip_clip)
+    both = jax.tree.map(lambda a, b: jnp.stack([a, b]), data_out, data_in)
+    fits = jax.vmap(lambda data: peruser.per_user_step(data, U, None, amht))(both)
+    fit_out = jax.tree.map(lambda a: a[0], fits)
+    norms = private_algorithm.step_norms(data_out, U, fit_out, None)
+    clips = jnp.median(norms[: users - 1], axis=0)
+    dtype = U.dtype
+    noise = private_algorithm.NoiseLevels(
+        z.astype(dtype),
+        jnp.asarray(0.0, jnp.float32),
+        jnp.asarray(jnp.nan, dtype),
+        clips,
+    )
+    silent = noise._replace(z=jnp.zeros_like(noise.z))
+    release = functools.partial(
+        _step_release, U=U, key=jax.random.key(0), noise=silent, **static
+    )
+    G, H = jax.vmap(lambda data, fit: release(data, fit=fit))(both, fits)
+    G0, H0, G1, H1, clips64 = (
+        a.astype(jnp.float64) for a in (G[0], H[0], G[1], H[1], clips)
+    )
+    dG, dH = (G1 - G0) / clips64[0], (H1 - H0) / clips64[1]
+    sensitivity = jnp.sqrt(jnp.sum(dG**2) + jnp.sum(dH**2))
+    fit_in = jax.tree.map(lambda a: a[1], fits)
+    return fit_out, fit_in, noise, (G0, H0, dG, dH, clips64), sensitivity
+
+
+def step_scorer(
+    problem: AuditProblem,
+    neighbours: Neighbours,
+    config,
+    observers: tuple[str, ...] = STEP_OBSERVERS,
+) -> Scorer:
+    """One release of (G, H) at U = U*, fixed clips, calibrated to epsilon
+    (one attacker, ``'final'``: the release itself)."""
     amht = dataclasses.replace(_amht_config(problem, 1), rescue_fraction=0.0)
     U = neighbours.truth_U
     plan = accounting.Plan(
@@ -106,34 +144,21 @@ def step_scorer(problem: AuditProblem, neighbours: Neighbours, config) -> Scorer
     )
     z = accounting.calibrate(plan, config.epsilon, config.delta, "pld")
     claim = accounting.epsilon_spent(plan, z, config.delta, "pld")
-    local_step = jax.jit(peruser.per_user_step, static_argnums=(3,))
-    fit_out = local_step(neighbours.data_out, U, None, amht)
-    fit_in = local_step(neighbours.data_in, U, None, amht)
-    # Clip levels fixed in advance: the median norms of the base users'.
-    norms = private_algorithm.step_norms(neighbours.data_out, U, fit_out, None)
-    clips = jnp.median(norms[: problem.t], axis=0)
-    dtype = U.dtype
-    noise = private_algorithm.NoiseLevels(
-        jnp.asarray(z, dtype),
-        jnp.asarray(0.0, jnp.float32),
-        jnp.asarray(jnp.nan, dtype),
-        clips,
-    )
     static = dict(users=problem.t + 1, skip_clip=config.fault == "no_clipping")
-    silent = noise._replace(z=jnp.zeros_like(noise.z))
-    key0 = jax.random.key(0)
-    G0, H0 = _step_release(neighbours.data_out, U, fit_out, key0, silent, **static)
-    G1, H1 = _step_release(neighbours.data_in, U, fit_in, key0, silent, **static)
-    G0, H0, G1, H1, clips64 = (a.astype(jnp.float64) for a in (G0, H0, G1, H1, clips))
-    dG, dH = (G1 - G0) / clips64[0], (H1 - H0) / clips64[1]
-    sensitivity = float(jnp.sqrt(jnp.sum(dG**2) + jnp.sum(dH**2)))
-    reference = (G0, H0, dG, dH, clips64)
+    fit_out, fit_in, noise, reference, sensitivity = _step_setup(
+        neighbours.data_out,
+        neighbours.data_in,
+        U,
+        jnp.asarray(z, jnp.float64),
+        amht=amht,
+        **static,
+    )
     loud = _faulty(noise, config.fault)
     scores = functools.partial(_step_scores, **static)
     return Scorer(
         claim,
         z,
-        sensitivity,
+        float(sensitivity),
         scores,
         (neighbours.data_out, U, fit_out, loud, reference),
         (neighbours.data_in, U, fit_in, loud, reference),
@@ -157,32 +182,44 @@ def _final_score(U, geometry):
     return jnp.where(crafted, tilt, captured)
 
 
-@functools.partial(jax.jit, static_argnames=("prepared",))
-def _fit_scores(keys, data, noise, geometry, replay, *, prepared):
-    """Scores of whole private fits, one column per attacker of
-    :data:`FIT_OBSERVERS`: from the final U, and from every release
-    (:mod:`lrs.audit.transcript`)."""
+@functools.partial(jax.jit, static_argnames=("prepared", "observers"))
+def _fit_scores(keys, data, noise, geometry, replay, *, prepared, observers):
+    """Scores of whole private fits, one column per attacker in ``observers``:
+    ``'final'`` reads the final U, ``'transcript'`` every release
+    (:mod:`lrs.audit.transcript`; only then is the replay compiled and run)."""
     prepared = prepared._replace(noise=noise)
 
     def score(key):
         params, _, history, released = private_algorithm.run_prepared(
             data, prepared, key
         )
-        whole = transcript.transcript_score(
-            replay,
-            released,
-            history["clip_gradient"][1:],
-            history["clip_gram"][1:],
-            prepared.config,
-            non_private=prepared.non_private,
-        )
-        return jnp.stack([_final_score(params.U, geometry), whole])
+        columns = []
+        for observe in observers:
+            if observe == "final":
+                columns.append(_final_score(params.U, geometry))
+            else:
+                columns.append(
+                    transcript.transcript_score(
+                        replay,
+                        released,
+                        history["clip_gradient"][1:],
+                        history["clip_gram"][1:],
+                        prepared.config,
+                        non_private=prepared.non_private,
+                    )
+                )
+        return jnp.stack(columns)
 
     return jax.vmap(score)(keys)
 
 
-def fit_scorer(problem: AuditProblem, neighbours: Neighbours, config) -> Scorer:
-    """The whole private fit, calibrated to epsilon."""
+def fit_scorer(
+    problem: AuditProblem,
+    neighbours: Neighbours,
+    config,
+    observers: tuple[str, ...] = FIT_OBSERVERS,
+) -> Scorer:
+    """The whole private fit, calibrated to epsilon, scored by ``observers``."""
     amht = _amht_config(problem, config.num_iters)
     dp = DPConfig(epsilon=config.epsilon, delta=config.delta)
     prepared, data_out = private_algorithm.prepare(neighbours.data_out, amht, dp)
@@ -203,10 +240,12 @@ def fit_scorer(problem: AuditProblem, neighbours: Neighbours, config) -> Scorer:
             )
         ),
     )
-    replay = transcript.replay_data(data_out, data_in)
+    replay = None
+    if "transcript" in observers:
+        replay = transcript.replay_data(data_out, data_in)
     # Only the hashable, epsilon-independent fields are static: one compilation.
     static = prepared._replace(noise=None, init_U=None, z=0.0, plan=None)
-    scores = functools.partial(_fit_scores, prepared=static)
+    scores = functools.partial(_fit_scores, prepared=static, observers=observers)
     return Scorer(
         claim,
         prepared.z,
@@ -214,5 +253,5 @@ def fit_scorer(problem: AuditProblem, neighbours: Neighbours, config) -> Scorer:
         scores,
         (data_out, noise, geometry, replay),
         (data_in, noise, geometry, replay),
-        FIT_OBSERVERS,
+        observers,
     )

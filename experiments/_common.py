@@ -13,9 +13,10 @@ import platform
 import sys
 import time
 
-from lrs._xla import avoid_cpu_deadlock
+from lrs._xla import avoid_cpu_deadlock, use_compilation_cache
 
 DEADLOCK_FLAG_SET = avoid_cpu_deadlock()
+COMPILATION_CACHE = use_compilation_cache()  # LRS_NO_COMPILATION_CACHE=1: off
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -21,9 +21,16 @@ candidate takes a data dependency on the cold candidate's result
 and does not order them), and the streamed fit runs the two candidates as
 separate programs (docs/scale.md).
 
+3. Compilation dominates short runs (``lrs demo``: 7 of 8 s).
+   :func:`use_compilation_cache` turns on JAX's persistent compilation cache,
+   so a program compiled once is loaded from disk by later processes.
+   Programs with host callbacks (a fit with ``callback=``) are not cached
+   (JAX's rule).
+
 The CLI, the benchmark scripts and the test suite call
-:func:`avoid_cpu_deadlock` first; library users who see a hang or erratic
-timings can do the same (or set the variables themselves).
+:func:`avoid_cpu_deadlock` and :func:`use_compilation_cache` first; library
+users who see a hang or erratic timings can do the same (or set the variables
+themselves).
 """
 
 import os
@@ -60,3 +67,50 @@ def _backend_started() -> bool:
         return bool(getattr(xla_bridge, "_backends", {}))
     except Exception:  # private API moved: cannot tell, assume not started
         return False
+
+
+def default_cache_dir() -> str:
+    """``$LRS_COMPILATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/lrs/jax``, else
+    ``~/.cache/lrs/jax``."""
+    explicit = os.environ.get("LRS_COMPILATION_CACHE_DIR")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(base, "lrs", "jax")
+
+
+def use_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache (compiled programs on disk).
+
+    A program compiled once (same shapes, dtypes, static configuration, jax
+    version and XLA flags) is then loaded from disk by later processes instead
+    of compiled again: ``lrs demo`` run twice compiles once. The CLI and the
+    benchmark scripts call this; library users may call it themselves, before
+    their first computation (JAX reads the setting then).
+
+    The cache is trusted code: keep it in a directory only you can write
+    (JAX's own warning). Opt out with ``LRS_NO_COMPILATION_CACHE=1``; set the
+    directory with ``path`` or ``LRS_COMPILATION_CACHE_DIR``.
+
+    Returns:
+      The cache directory, or None when opted out or when the user already
+      configured JAX's cache themselves (left untouched).
+    """
+    if os.environ.get("LRS_NO_COMPILATION_CACHE") == "1":
+        return None
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:  # the user's own setting wins
+        return None
+    path = path or default_cache_dir()
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Cache every program that took a noticeable time to compile (JAX's default
+    # of 1 s would miss most of lrs's programs, which compile in 0.2-3 s).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Least recently used entries go beyond 2 GiB.
+    jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
+    return path

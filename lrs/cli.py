@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from lrs._xla import avoid_cpu_deadlock
+from lrs._xla import avoid_cpu_deadlock, use_compilation_cache
 
 #: Problem P0, the default of ``lrs demo``.
 P0 = dict(d=100, t=1000, m=40, r=5, k=5, iters=30)
@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     avoid_cpu_deadlock()  # before the XLA backend starts (JAX reads it lazily)
     parser = build_parser()
     args = parser.parse_args(argv)
+    use_compilation_cache()  # imports JAX: after --help has been answered
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -1,8 +1,11 @@
 """Test configuration: the XLA deadlock work-around, x64, small-problem fixtures."""
 
-from lrs._xla import avoid_cpu_deadlock
+from lrs._xla import avoid_cpu_deadlock, use_compilation_cache
 
 avoid_cpu_deadlock()  # before jax is imported anywhere in the test session
+# Compiled programs persist across runs (~/.cache/lrs/jax; off with
+# LRS_NO_COMPILATION_CACHE=1): a second run of the suite compiles little.
+use_compilation_cache()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -111,6 +111,11 @@ def use_compilation_cache(path: str | None = None) -> str | None:
     # of 1 s would miss most of lrs's programs, which compile in 0.2-3 s).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    # Least recently used entries go beyond 2 GiB.
-    jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
+    try:  # JAX needs filelock to bound the cache; unbounded without it
+        import filelock  # noqa: F401
+
+        # Least recently used entries go beyond 2 GiB.
+        jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
+    except ImportError:
+        pass
     return path

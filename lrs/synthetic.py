@@ -44,7 +44,11 @@ def make_problem(
 
     Args:
       key: a ``jax.random`` key.
-      d, t, m, r, k: features, users, samples per user, rank, sparsity.
+      d: features.
+      t: users.
+      m: samples per user.
+      r: rank.
+      k: sparsity (nonzeros of each ``b_i*``).
       noise: standard deviation of the label noise.
       m_min: if given, user ``i`` has ``m_i`` samples drawn uniformly from
         ``[m_min, m]`` (ragged, padded to ``m``); otherwise all have ``m``.

@@ -71,6 +71,13 @@ def clopper_pearson(
 
     Returns:
       ``(low, high)``, float arrays of the broadcast shape (floats for scalars).
+
+    Example:
+        >>> low, high = clopper_pearson(50, 100)
+        >>> round(low, 3), round(high, 3)
+        (0.398, 0.602)
+        >>> clopper_pearson(0, 100, alternative="upper")[1] < 0.03
+        True
     """
     confidence = _check_confidence(confidence)
     if alternative not in ALTERNATIVES:

@@ -506,6 +506,19 @@ def fit(
     Raises:
       ValueError: on a missing or malformed key, bad configuration or a bad
         data layout (never because of the data's values).
+
+    Example:
+        >>> import secrets, jax, lrs
+        >>> data, truth = lrs.synthetic.make_problem(
+        ...     jax.random.key(0), d=20, t=2000, m=20, r=2, k=1)
+        >>> config = lrs.AMHTConfig(rank=2, sparsity=1, num_iters=3)
+        >>> dp = lrs.private.DPConfig(epsilon=4.0, delta=1e-6)
+        >>> key = jax.random.key(secrets.randbits(63))  # secret, fresh
+        >>> params, diagnostics = lrs.private.fit(data, config, dp, key=key)
+        >>> diagnostics.privacy.epsilon <= 4.0
+        True
+        >>> bool(lrs.metrics.subspace_distance(params.U, truth.U) < 0.05)
+        True
     """
     key = check_key(key)
     public_seed = check_public_seed(public_seed)

@@ -116,7 +116,9 @@ def draw_noise(
 
     Args:
       key: the fit's secret ``jax.random`` key.
-      steps, d, r: shared steps T, features, rank (static).
+      steps: shared steps T (static).
+      d: features (static).
+      r: rank (static).
       num_users: t, the users the quantile targets count.
       quantile: the clip quantile (the target count is ``quantile * t``).
       z_histogram: noise multiplier of the counts (their noise is

@@ -210,9 +210,14 @@ def fit_streamed(
     Args:
       data: a :class:`lrs.UserData` whose arrays may be numpy or memory-mapped
         (:meth:`lrs.UserData.from_host`); never modified, never copied whole.
-      config, dp_config, key, public_seed, U0, truth, transcript,
-        nonprivate_diagnostics: as in :func:`lrs.private.fit` (``key`` is
-        required and must be secret and fresh).
+      config: as in :func:`lrs.private.fit`.
+      dp_config: as in :func:`lrs.private.fit`.
+      key: as in :func:`lrs.private.fit`: required, secret and fresh.
+      public_seed: as in :func:`lrs.private.fit`.
+      U0: as in :func:`lrs.private.fit`.
+      truth: as in :func:`lrs.private.fit`.
+      transcript: as in :func:`lrs.private.fit`.
+      nonprivate_diagnostics: as in :func:`lrs.private.fit`.
       chunk_users: users copied to the device at a time (an integer ``>= 1``;
         ``>= t`` means one chunk).
       callback: ``callback(iteration, info)`` after the fit, once per

@@ -13,7 +13,7 @@ import platform
 import sys
 import time
 
-from lrs._xla import avoid_cpu_deadlock, use_compilation_cache
+from lrs._xla import CompileTimes, avoid_cpu_deadlock, use_compilation_cache
 
 DEADLOCK_FLAG_SET = avoid_cpu_deadlock()
 COMPILATION_CACHE = use_compilation_cache()  # LRS_NO_COMPILATION_CACHE=1: off
@@ -60,15 +60,27 @@ def setup(args) -> float:
     if getattr(args, "cheap_compiles", False):
         jax.config.update("jax_disable_most_optimizations", True)
     os.makedirs(args.out, exist_ok=True)
+    CompileTimes.start()
     return time.perf_counter()
 
 
 def environment(args, start: float) -> dict:
-    """Arguments, versions, machine and wall time, for the JSON record."""
+    """Arguments, versions, machine, wall time and the share of it spent
+    compiling (``compile``: JAX's trace + lower + compile events), for the
+    JSON record."""
+    seconds = time.perf_counter() - start
+    compile_record = CompileTimes.start().record()
+    compile_record["share_of_wall_time"] = round(compile_record["total_s"] / seconds, 3)
+    print(
+        f"compilation: {compile_record['total_s']:.1f} s of {seconds:.1f} s wall "
+        f"({100 * compile_record['share_of_wall_time']:.0f}%; "
+        f"{compile_record['persistent_cache_hits']} programs from the disk cache)"
+    )
     return dict(
         args=vars(args),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-        seconds=round(time.perf_counter() - start, 2),
+        seconds=round(seconds, 2),
+        compile=compile_record,
         jax=jax.__version__,
         lrs=lrs.__version__,
         python=platform.python_version(),
@@ -78,6 +90,7 @@ def environment(args, start: float) -> dict:
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         deadlock_flag=DEADLOCK_FLAG_SET,
         x64=bool(jax.config.values["jax_enable_x64"]),
+        compilation_cache=COMPILATION_CACHE,
     )
 
 

@@ -119,3 +119,60 @@ def use_compilation_cache(path: str | None = None) -> str | None:
     except ImportError:
         pass
     return path
+
+
+#: JAX's monitoring events that make up the compile time of a program.
+COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "compile",
+}
+
+
+class CompileTimes:
+    """Seconds spent tracing, lowering and compiling, per program, from the
+    moment :meth:`start` is called (JAX's monitoring events; a program loaded
+    from the persistent cache counts its short retrieval as ``compile``).
+
+    ``record()`` -> ``{'total_s', 'by_part': {trace, lower, compile},
+    'programs': {name: seconds}}`` (the 15 costliest programs).
+    """
+
+    _instance = None
+
+    def __init__(self):
+        self.by_part = dict.fromkeys(COMPILE_EVENTS.values(), 0.0)
+        self.programs: dict[str, float] = {}
+        self.cache_hits = 0
+
+    @classmethod
+    def start(cls) -> "CompileTimes":
+        """The process's recorder (registered with JAX once)."""
+        if cls._instance is None:
+            import jax
+
+            cls._instance = cls()
+            jax.monitoring.register_event_duration_secs_listener(cls._instance._listen)
+            jax.monitoring.register_event_listener(cls._instance._count)
+        return cls._instance
+
+    def _listen(self, event: str, seconds: float, **kwargs) -> None:
+        part = COMPILE_EVENTS.get(event)
+        if part is None:
+            return
+        self.by_part[part] += seconds
+        name = str(kwargs.get("fun_name", "?"))
+        self.programs[name] = self.programs.get(name, 0.0) + seconds
+
+    def _count(self, event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.cache_hits += 1
+
+    def record(self) -> dict:
+        top = sorted(self.programs.items(), key=lambda kv: -kv[1])[:15]
+        return dict(
+            total_s=sum(self.by_part.values()),
+            by_part=dict(self.by_part),
+            persistent_cache_hits=self.cache_hits,
+            programs={name: round(s, 3) for name, s in top},
+        )

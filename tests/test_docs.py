@@ -32,11 +32,14 @@ def public_names():
             obj = getattr(module, name)
             yield f"{package}.{name}", obj
             if inspect.ismodule(obj):
-                for sub, member in vars(obj).items():
-                    if sub.startswith("_") or getattr(member, "__module__", None) != (
-                        obj.__name__
-                    ):
-                        continue
+                names = getattr(obj, "__all__", None) or [
+                    sub
+                    for sub, member in vars(obj).items()
+                    if not sub.startswith("_")
+                    and getattr(member, "__module__", None) == obj.__name__
+                ]
+                for sub in names:
+                    member = getattr(obj, sub)
                     if inspect.isfunction(member) or inspect.isclass(member):
                         yield f"{obj.__name__}.{sub}", member
 

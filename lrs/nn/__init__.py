@@ -5,11 +5,39 @@ Modules: :mod:`~lrs.nn.model` (the transformer), :mod:`~lrs.nn.personalized`
 methods), :mod:`~lrs.nn.train` (the shared and cold-start loops),
 :mod:`~lrs.nn.task` (synthetic teacher tasks) and :mod:`~lrs.nn.io` (per-user
 parameters to and from ``.npz``).
+
+Flax NNX adapters (need the ``nn`` extra: ``pip install lrs[nn]``), loaded on
+first use so that ``import lrs.nn`` does not import Flax:
+:mod:`~lrs.nn.layers` (:class:`LRSLinear`, :class:`UserLoRALinear`,
+:func:`personalize`, :func:`users`), :mod:`~lrs.nn.nnx_model` (an NNX GPT and
+MLP), :mod:`~lrs.nn.nnx_train` (the training step) and :mod:`~lrs.nn.store`
+(grow, export / import users, Orbax checkpoints).
 """
+
+import importlib
 
 from lrs.nn import adapters, model, personalized, train
 from lrs.nn.model import TransformerConfig, apply, init
 from lrs.nn.personalized import LRSLayerConfig, LRSUsers, personalized_apply
+
+# name -> module holding it; these modules import Flax, so they load on first use
+_LAZY = {
+    "LRSLinear": "lrs.nn.layers",
+    "SharedParam": "lrs.nn.layers",
+    "UserLoRALinear": "lrs.nn.layers",
+    "UserSupport": "lrs.nn.layers",
+    "UserTable": "lrs.nn.layers",
+    "adapter_layers": "lrs.nn.layers",
+    "personalize": "lrs.nn.layers",
+    "users": "lrs.nn.layers",
+    "add_users": "lrs.nn.store",
+    "export_user": "lrs.nn.store",
+    "import_user": "lrs.nn.store",
+    "layers": None,
+    "nnx_model": None,
+    "nnx_train": None,
+    "store": None,
+}
 
 __all__ = [
     "LRSLayerConfig",
@@ -22,4 +50,13 @@ __all__ = [
     "personalized",
     "personalized_apply",
     "train",
+    *sorted(_LAZY),
 ]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lrs.nn' has no attribute {name!r}")
+    if _LAZY[name] is None:
+        return importlib.import_module(f"lrs.nn.{name}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

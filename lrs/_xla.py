@@ -92,7 +92,8 @@ def use_compilation_cache(path: str | None = None) -> str | None:
 
     The cache is trusted code: keep it in a directory only you can write
     (JAX's own warning). Opt out with ``LRS_NO_COMPILATION_CACHE=1``; set the
-    directory with ``path`` or ``LRS_COMPILATION_CACHE_DIR``.
+    directory with ``path`` or ``LRS_COMPILATION_CACHE_DIR``. It has no size
+    limit (tens of MB after the test suite); delete it whenever you like.
 
     Returns:
       The cache directory, or None when opted out or when the user already
@@ -111,13 +112,9 @@ def use_compilation_cache(path: str | None = None) -> str | None:
     # of 1 s would miss most of lrs's programs, which compile in 0.2-3 s).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:  # JAX needs filelock to bound the cache; unbounded without it
-        import filelock  # noqa: F401
-
-        # Least recently used entries go beyond 2 GiB.
-        jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
-    except ImportError:
-        pass
+    # No size limit: JAX's least-recently-used eviction breaks (every write
+    # fails) as soon as one process without it has written to the directory.
+    # The cache may be deleted at any time; it is rebuilt on demand.
     return path
 
 

@@ -5,6 +5,7 @@ See docs/privacy.md, section "Audit".
 
 from lrs.audit.bounds import EpsilonBound, clopper_pearson, epsilon_lower_bound
 from lrs.audit.canary import AuditProblem, Neighbours, neighbouring_datasets
+from lrs.audit.nn_step import audit_nn_dp_step
 from lrs.audit.run import AuditConfig, AuditResult, audit, audit_attackers
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Neighbours",
     "audit",
     "audit_attackers",
+    "audit_nn_dp_step",
     "clopper_pearson",
     "epsilon_lower_bound",
     "neighbouring_datasets",

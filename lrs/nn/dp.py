@@ -1,0 +1,298 @@
+"""User-level DP training of a personalized NNX model's shared parameters.
+
+The linear private fit (:mod:`lrs.private`) releases only U; its analogue for
+a network: every step releases a noisy sum of per-user clipped gradients of
+the shared parameters (the adapters' :class:`~lrs.nn.layers.SharedParam`, and
+the base too with ``train='all'``), while each user's own rows
+(:class:`~lrs.nn.layers.UserTable`: ``v``, sparse values, LoRA pairs) are
+trained on that user's data only and never leave it (joint DP, as in
+docs/privacy.md).
+
+One step, for a batch of ``B`` users drawn without replacement from the ``n``
+with the secret key:
+
+1. each user ``u`` of the batch: ``g_u`` = gradient of the mean loss over the
+   user's ``m`` examples with respect to the shared parameters (the user's
+   rows as they are);
+2. ``g_u`` is scaled to norm at most ``clip_norm`` by the same overflow-proof
+   weights as the linear fit (:func:`lrs.private.mechanism.clip_weights`: a
+   non-finite gradient weighs exactly 0);
+3. the release: ``sum_u c_u g_u + N(0, (2 z clip_norm)^2 I)`` (the noise
+   drawn in float64; replace-one sensitivity ``2 clip_norm``), divided by
+   ``B`` and applied with Adam (post-processing);
+4. each batch user's own rows take an SGD step on its own loss (local).
+
+Accounting: ``steps`` compositions of the subsampled Gaussian, by
+``dp_accounting`` through :func:`lrs.private.calibrate` (RDP when
+``users_per_step < n``, PLD otherwise), under the replace-one relation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lrs.nn.layers import SharedParam, UserSupport, UserTable, users
+from lrs.private import accounting
+from lrs.private import mechanism as mech
+from lrs.validation import check_key
+
+__all__ = ["DPTrainConfig", "DPTrainResult", "train_shared_private"]
+
+TRAIN = ("adapters", "all")
+_FLOAT_TABLE = nnx.All(UserTable, nnx.Not(UserSupport))
+
+
+@dataclasses.dataclass(frozen=True)
+class DPTrainConfig:
+    """User-level (epsilon, delta)-DP training of the shared parameters.
+
+    Attributes:
+      epsilon: the privacy budget of the whole training (``inf``: no noise
+        and no clipping, for comparison only: nothing may be released).
+      delta: in (0, 1).
+      steps: shared steps (releases).
+      users_per_step: ``B``, users drawn without replacement per step.
+      clip_norm: bound on each user's gradient norm (all shared parameters
+        jointly).
+      learning_rate: Adam step size of the shared parameters.
+      user_lr: SGD step size of each user's own rows (local).
+      train: ``'adapters'`` (only the adapters' shared factors; base frozen)
+        or ``'all'`` (every ``nnx.Param``).
+    """
+
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    steps: int = 100
+    users_per_step: int = 64
+    clip_norm: float = 1.0
+    learning_rate: float = 1e-2
+    user_lr: float = 0.1
+    train: str = "adapters"
+
+    def __post_init__(self):
+        if not (isinstance(self.epsilon, int | float) and self.epsilon > 0):
+            raise ValueError(f"epsilon must be > 0 (or inf); got {self.epsilon!r}")
+        if not (isinstance(self.delta, float) and 0 < self.delta < 1):
+            raise ValueError(f"delta must be a float in (0, 1); got {self.delta!r}")
+        for name in ("steps", "users_per_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        for name in ("clip_norm", "learning_rate", "user_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
+        if not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0; got {self.clip_norm!r}")
+        if self.train not in TRAIN:
+            raise ValueError(f"train must be one of {TRAIN}; got {self.train!r}")
+
+    @property
+    def non_private(self) -> bool:
+        return self.epsilon == math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class DPTrainResult:
+    """What training spent and how it went.
+
+    Attributes:
+      epsilon: epsilon spent at ``delta`` (``inf`` when non-private).
+      delta: the delta of ``epsilon``.
+      noise_multiplier: ``z``; each release's noise is ``2 z clip_norm``.
+      accountant: ``'rdp'`` (subsampled) or ``'pld'``.
+      sampling_rate: ``users_per_step / n``.
+      losses: ``(steps,)`` mean training loss of each step's batch. NOT
+        private (exact, from the raw data): for debugging only.
+    """
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    accountant: str
+    sampling_rate: float
+    losses: jax.Array
+
+
+def _plan(config: DPTrainConfig, num_users: int) -> accounting.Plan:
+    return accounting.Plan(
+        steps=config.steps,
+        private_init=False,
+        moment_histogram=False,
+        step_histogram=False,
+        num_users=num_users,
+        batch_size=min(config.users_per_step, num_users),
+    )
+
+
+def noise_multiplier(config: DPTrainConfig, num_users: int) -> tuple[float, str]:
+    """``(z, accountant)`` calibrated so that the training spends ``epsilon``."""
+    plan = _plan(config, num_users)
+    name = "rdp" if plan.subsampled else "pld"
+    if config.non_private:
+        return 0.0, name
+    return accounting.calibrate(plan, config.epsilon, config.delta, name), name
+
+
+def _check_inputs(model, inputs, targets) -> int:
+    tables = nnx.state(model, UserTable)
+    if not jax.tree.leaves(tables):
+        raise ValueError("model has no personalized layer: call lrs.nn.personalize")
+    n_in = jax.tree.leaves(inputs)[0].shape[0]
+    n_out = jax.tree.leaves(targets)[0].shape[0]
+    if n_in != n_out:
+        raise ValueError(
+            "inputs and targets must have one row per user (leading axis n); "
+            f"got {n_in} and {n_out}"
+        )
+    n_users = jax.tree.leaves(tables)[0].shape[0]
+    if n_in != n_users:
+        raise ValueError(
+            f"inputs must hold all {n_users} users of the model (row u = user u); "
+            f"got {n_in} rows"
+        )
+    return n_in
+
+
+def train_shared_private(
+    model,
+    inputs,
+    targets,
+    config: DPTrainConfig,
+    *,
+    key,
+    loss_fn: Callable | None = None,
+    progress: Callable | None = None,
+) -> DPTrainResult:
+    """Trains ``model``'s shared parameters with user-level DP (in place).
+
+    Args:
+      model: an NNX model with personalized layers (:func:`lrs.nn.personalize`).
+      inputs: a pytree of arrays ``(n, m, ...)``: user ``u``'s ``m`` examples
+        in row ``u`` (the user ids of the model's tables).
+      targets: a pytree of arrays ``(n, m, ...)``.
+      config: a :class:`DPTrainConfig`.
+      key: the secret ``jax.random`` key of the batches and the noise
+        (required, fresh, never published).
+      loss_fn: ``loss_fn(outputs, targets) -> scalar`` for one user's
+        examples (default: mean squared error).
+      progress: an optional ``tqdm``-like wrapper of the step range.
+
+    Returns:
+      A :class:`DPTrainResult`; the model holds the trained parameters.
+
+    Raises:
+      ValueError: on a bad configuration, key or input layout.
+    """
+    if not isinstance(config, DPTrainConfig):
+        raise ValueError(f"config must be a DPTrainConfig; got {type(config).__name__}")
+    key = check_key(key)
+    n = _check_inputs(model, inputs, targets)
+    loss_fn = _mse if loss_fn is None else loss_fn
+    z, name = noise_multiplier(config, n)
+    batch = min(config.users_per_step, n)
+    shared_filter = SharedParam if config.train == "adapters" else nnx.Param
+    graphdef, itabs, ftabs, shared, frozen = nnx.split(
+        model, UserSupport, _FLOAT_TABLE, shared_filter, ...
+    )
+    optimizer = optax.adam(config.learning_rate)
+    step = _make_step(graphdef, optimizer, loss_fn, config, z, batch)
+    state = (itabs, ftabs, shared, optimizer.init(shared))
+    losses = []
+    steps = range(config.steps)
+    for i in progress(steps) if progress else steps:
+        k_batch, k_noise = jax.random.split(jax.random.fold_in(key, i))
+        normals = _normals(k_noise, shared)
+        state, (loss, _) = step(state, frozen, inputs, targets, k_batch, normals)
+        losses.append(loss)
+    nnx.update(model, state[1], state[2])
+    epsilon = (
+        math.inf
+        if config.non_private
+        else accounting.epsilon_spent(_plan(config, n), z, config.delta, name)
+    )
+    return DPTrainResult(
+        epsilon=epsilon,
+        delta=config.delta,
+        noise_multiplier=z,
+        accountant=name,
+        sampling_rate=batch / n,
+        losses=jnp.stack(losses),
+    )
+
+
+def _mse(outputs, targets):
+    return jnp.mean(jnp.square(outputs - targets))
+
+
+def _make_step(graphdef, optimizer, loss_fn, config, z, batch):
+    def user_loss(shared, frows, irows, frozen_state, x, y):
+        """One user's mean loss; its rows are a table of one row (id 0)."""
+        model = nnx.merge(graphdef, irows, frows, shared, frozen_state)
+        m = jax.tree.leaves(x)[0].shape[0]
+        with users(jnp.zeros((m,), jnp.int32)):
+            return loss_fn(model(x), y)
+
+    grad = jax.value_and_grad(user_loss, argnums=(0, 1))
+
+    def step(state, frozen_state, inputs, targets, key, normals):
+        itabs, ftabs, shared, opt_state = state
+        n = jax.tree.leaves(ftabs)[0].shape[0]
+        ids = jax.random.choice(key, n, (batch,), replace=False)
+        x = jax.tree.map(lambda a: a[ids], inputs)
+        y = jax.tree.map(lambda a: a[ids], targets)
+        frows = jax.tree.map(lambda t: t[ids][:, None], ftabs)  # (B, 1, ...)
+        irows = jax.tree.map(lambda t: t[ids][:, None], itabs)
+
+        def one_user(x_u, y_u, f_u, i_u):
+            return grad(shared, f_u, i_u, frozen_state, x_u, y_u)
+
+        losses, (grads, row_grads) = jax.vmap(one_user)(x, y, frows, irows)
+        leaves = jax.tree.leaves(grads)
+        norms = jnp.sqrt(
+            sum(jnp.square(mech.safe_norm(g, tuple(range(1, g.ndim)))) for g in leaves)
+        )
+        if config.non_private:
+            weights = jnp.where(jnp.isfinite(norms), 1, 0).astype(norms.dtype)
+        else:
+            clip = jnp.asarray([config.clip_norm], norms.dtype)
+            weights = mech.clip_weights(norms[:, None], clip)
+        total = jax.tree.map(lambda g: jnp.sum(mech.weighted(g, weights), 0), grads)
+        scale = 2.0 * z * config.clip_norm
+        released = jax.tree.map(
+            lambda s, e: (s + scale * e.astype(s.dtype)) / batch, total, normals
+        )
+        updates, opt_state = optimizer.update(released, opt_state, shared)
+        shared = optax.apply_updates(shared, updates)
+        ftabs = jax.tree.map(
+            lambda t, g: t.at[ids].add(-config.user_lr * g[:, 0]), ftabs, row_grads
+        )
+        return (itabs, ftabs, shared, opt_state), (jnp.mean(losses), released)
+
+    return jax.jit(step)
+
+
+@jax.jit
+def _draw(key, shapes):
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(key, len(leaves))
+    draws = [
+        jax.random.normal(k, leaf.shape, jnp.float64)
+        for k, leaf in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, draws)
+
+
+def _normals(key, tree):
+    """Standard normals shaped like ``tree``, drawn in float64 outside the
+    step (docs/privacy.md, section 2.7), one key per leaf."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float64), tree)
+    with jax.enable_x64(True):
+        return _draw(key, shapes)

@@ -1,0 +1,167 @@
+"""User-level DP training of a personalized NNX model's shared parameters
+(lrs.nn.dp): the accounting, the clipping bound on one user's effect, local
+user rows, and that training still learns."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+from flax import nnx  # noqa: E402
+
+from lrs.nn import dp, layers, nnx_model  # noqa: E402
+
+N, M, D_IN, D_OUT = 40, 8, 6, 3
+
+
+def _model(seed=0, dtype=jnp.float32):
+    model = nnx_model.MLP((D_IN, D_OUT), rngs=nnx.Rngs(seed), dtype=dtype)
+    layers.personalize(
+        model, "layers/0", rank=2, sparsity=1, num_users=N, rngs=nnx.Rngs(seed + 1)
+    )
+    # V starts at 0, where U has no gradient; start the users somewhere.
+    layer = model.layers[0]
+    layer.V[...] = jax.random.normal(jax.random.key(seed + 2), layer.V.shape, dtype)
+    return model
+
+
+def _data(seed=0, dtype=jnp.float32):
+    """A planted task: y = x @ (W + U v_u) with a shared U, per-user v_u."""
+    k = jax.random.split(jax.random.key(seed), 4)
+    W = jax.random.normal(k[0], (D_IN, D_OUT))
+    U = jax.random.normal(k[1], (2, D_IN, D_OUT))
+    V = jax.random.normal(k[2], (N, 2))
+    x = jax.random.normal(k[3], (N, M, D_IN))
+    y = jnp.einsum("umi,uio->umo", x, W + jnp.einsum("ur,rio->uio", V, U))
+    return x.astype(dtype), y.astype(dtype)
+
+
+def test_config_errors_name_the_argument():
+    for kwargs, name in [
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(delta=1.5), "delta"),
+        (dict(steps=0), "steps"),
+        (dict(users_per_step=1.5), "users_per_step"),
+        (dict(clip_norm=0.0), "clip_norm"),
+        (dict(train="base"), "train"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            dp.DPTrainConfig(**kwargs)
+
+
+def test_a_key_is_required_and_inputs_must_cover_every_user():
+    model, (x, y) = _model(), _data()
+    config = dp.DPTrainConfig(steps=1, users_per_step=4)
+    with pytest.raises(ValueError, match="key"):
+        dp.train_shared_private(model, x, y, config, key=None)
+    with pytest.raises(ValueError, match="inputs"):
+        dp.train_shared_private(model, x[:5], y[:5], config, key=jax.random.key(0))
+
+
+def test_the_training_spends_its_epsilon():
+    model, (x, y) = _model(), _data()
+    config = dp.DPTrainConfig(epsilon=2.0, steps=3, users_per_step=10)
+    result = dp.train_shared_private(model, x, y, config, key=jax.random.key(1))
+    assert result.accountant == "rdp" and result.sampling_rate == 10 / N
+    assert 1.9 <= result.epsilon <= 2.0
+    assert result.noise_multiplier > 0
+    assert np.all(np.isfinite(result.losses))
+
+
+def _release(model, x, y, *, z, clip=1.0, noise_key=5):
+    """The released mean gradient of one step with every user in the batch."""
+    graphdef, itabs, ftabs, shared, frozen = nnx.split(
+        model, layers.UserSupport, dp._FLOAT_TABLE, layers.SharedParam, ...
+    )
+    config = dp.DPTrainConfig(steps=1, users_per_step=N, clip_norm=clip)
+    import optax
+
+    opt = optax.sgd(0.0)
+    step = dp._make_step(graphdef, opt, dp._mse, config, z, N)
+    normals = dp._normals(jax.random.key(noise_key), shared)
+    state = (itabs, ftabs, shared, opt.init(shared))
+    _, (_, released) = step(state, frozen, x, y, jax.random.key(3), normals)
+    return released
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e30])
+def test_one_replaced_user_moves_the_sum_by_at_most_twice_the_clip(scale):
+    model, (x, y) = _model(), _data()
+    # user 0 replaced by another user's data, labels flipped, scaled (1e30:
+    # its gradient overflows float32 and must weigh exactly 0)
+    x2, y2 = x.at[0].set(scale * x[1]), y.at[0].set(-scale * y[1])
+    a = _release(model, x, y, z=0.0)
+    b = _release(model, x2, y2, z=0.0)
+    diff = math.sqrt(
+        sum(float(jnp.sum((p - q) ** 2)) for p, q in
+            zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    )  # fmt: skip
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(b))
+    assert diff * N <= 2.0 * 1.0 * (1 + 1e-5)
+    assert diff > 0
+
+
+def test_the_noise_has_the_calibrated_scale():
+    model, (x, y) = _model(), _data()
+    quiet = _release(model, x, y, z=0.0)
+    noise = []
+    for seed in range(20):
+        loud = _release(model, x, y, z=3.0, noise_key=seed)
+        noise += [
+            np.ravel(p - q) * N  # the sum's noise
+            for p, q in zip(jax.tree.leaves(loud), jax.tree.leaves(quiet), strict=True)
+        ]
+    noise = np.concatenate(noise)
+    assert noise.size == 20 * 2 * D_IN * D_OUT
+    assert abs(noise.std() / (2 * 3.0 * 1.0) - 1) < 0.1  # standard error 0.026
+
+
+def test_users_rows_stay_local_and_training_learns_without_noise():
+    model, (x, y) = _model(), _data()
+    before = jax.tree.map(np.asarray, nnx.state(model, layers.UserTable))
+    config = dp.DPTrainConfig(
+        epsilon=math.inf, steps=60, users_per_step=N, learning_rate=3e-2,
+        user_lr=0.05, clip_norm=1e6,
+    )  # fmt: skip
+    result = dp.train_shared_private(model, x, y, config, key=jax.random.key(2))
+    assert result.epsilon == math.inf
+    assert float(result.losses[-1]) < 0.5 * float(result.losses[0])
+    after = nnx.state(model, layers.UserTable)
+    support = [
+        (a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+        if a.dtype == np.int32
+    ]  # fmt: skip
+    for a, b in support:  # the sparse supports are not re-selected
+        np.testing.assert_array_equal(a, b)
+
+
+def test_private_training_at_epsilon_8_still_learns():
+    model, (x, y) = _model(), _data()
+    config = dp.DPTrainConfig(
+        epsilon=8.0, steps=60, users_per_step=N, learning_rate=3e-2, clip_norm=5.0
+    )
+    result = dp.train_shared_private(model, x, y, config, key=jax.random.key(4))
+    assert result.epsilon <= 8.0
+    assert float(result.losses[-5:].mean()) < float(result.losses[:5].mean())
+
+
+def test_the_audit_of_one_step_stays_below_its_claim():
+    from lrs.audit import audit_nn_dp_step
+
+    honest = audit_nn_dp_step(4.0, trials=20_000, key=jax.random.key(0))
+    assert not honest.flagged
+    assert 1.0 < honest.bound.epsilon <= honest.epsilon_claimed  # the audit has power
+    assert abs(honest.sensitivity_used - 2.0) < 0.05  # the canary flips its gradient
+
+
+@pytest.mark.slow
+def test_the_audit_of_one_step_catches_half_the_noise():
+    from lrs.audit import audit_nn_dp_step
+
+    broken = audit_nn_dp_step(
+        4.0, trials=50_000, fault="half_noise", key=jax.random.key(0)
+    )
+    assert broken.flagged

@@ -1,27 +1,44 @@
-"""Benchmark of the Flax NNX adapters (issue 17): forward and training step.
+"""Benchmark of the Flax NNX adapters (issue 17): forward, training step, storage.
 
-    python experiments/bench_nnx.py --quick          # under a minute on 2 cores
+    python experiments/bench_nnx.py --quick          # about 2 minutes on 2 cores
     python experiments/bench_nnx.py --out lrs-out/nnx
 
 Forward: a mixed-user batch (ids drawn from 1,000 users) through the small
 NNX GPT (``lrs.nn.nnx_model.GPTConfig()``: d=64, 2 blocks, T=16) with every
-block's q, v, up and down maps personalized, for four variants: the base model,
-LRS (rank r, k sparse entries, never a per-user kernel), LRS with the
-per-row kernels materialized (``LRSLinear.materialize``), and per-user LoRA
-(rank 1, the smallest LoRA; its bytes per user are reported next to LRS's).
-For each batch size: best-of-``reps`` wall time of the jitted forward and
-the compiled program's temporary bytes (``memory_analysis()``).
+block's q, v, up and down maps personalized, for every method of
+``lrs.nn.personalize``: the base model, LRS (rank r, k sparse entries, never a
+per-user kernel), LRS with the per-row kernels materialized
+(``LRSLinear.materialize``), per-user LoRA (rank 1, the smallest LoRA), the
+per-user head (a dense per-user kernel delta on the same layers: the storage
+worst case) and PLoRA's user-conditioned LoRA (shared rank 4, 8 floats per
+user and layer). For each batch size: best-of-``reps`` wall time of the
+jitted forward (the methods interleaved round by round, so a change of the
+machine's load hits all alike) and the compiled program's temporary bytes
+(``memory_analysis()``).
 
-Training: time of one LRS training step (``lrs.nn.nnx_train``, batch 32,
-shared adapters and rows trained) against the number of users; the step
-donates its state so the tables are updated in place.
+Training: time of one training step (``lrs.nn.nnx_train``, batch 32, shared
+adapters and rows trained, q and v personalized; best of 5, the configurations
+interleaved round by round) against the number of users, per method; a
+method whose tables would pass ``--table-budget`` bytes is skipped (the
+per-user head beyond a few thousand users).
 
-Writes ``bench_nnx.json`` under ``--out`` and prints one summary line.
+Storage: bytes per user and shared bytes (U counted: r copies of each
+personalized kernel) of every method on the forward's layers.
+
+Cold start: an MLP personalized at its last layer (32 -> 16 -> 1, r = 2,
+k = 2), teacher = base + a planted LRS change for 4 new users with ``m``
+samples each: :func:`lrs.nn.cold_start_exact` against 300 full-batch steps of
+the gradient cold start (``StepConfig(train="users")``), train and held-out
+mean squared error.
+
+Writes ``bench_nnx.json`` and ``bench_nnx.png`` under ``--out`` and prints
+one summary line.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -33,34 +50,56 @@ from lrs._xla import avoid_cpu_deadlock
 DEADLOCK_FLAG_SET = avoid_cpu_deadlock()
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lrs.nn import layers, nnx_model, nnx_train  # noqa: E402
+from lrs.nn import cold_start, layers, nnx_model, nnx_train, store  # noqa: E402
 
 TARGETS = r".*attn/(q|v)|.*mlp/(up|down)"
 TRAIN_TARGETS = r".*attn/(q|v)"
+FORWARD = ("base", "lrs", "lrs_materialized", "lora", "head", "user_lora")
+TRAIN = ("lrs", "lora", "user_lora", "head")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sweeps, < 1 minute")
+    p.add_argument("--quick", action="store_true", help="small sweeps, ~2 minutes")
     p.add_argument("--out", default="./lrs-out/nnx", help="output folder")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--sparsity", type=int, default=16)
     p.add_argument("--lora-rank", type=int, default=1)
+    p.add_argument("--plora-rank", type=int, default=4)
+    p.add_argument("--embed-dim", type=int, default=8)
+    p.add_argument(
+        "--table-budget",
+        type=float,
+        default=2e9,
+        help="skip a training run whose user tables pass this many bytes",
+    )
+    p.add_argument("--batches", type=int, nargs="*", help="override the batch sizes")
+    p.add_argument("--users", type=int, nargs="*", help="override the user counts")
+    p.add_argument("--no-plot", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    return p
+    return p  # fmt: skip
 
 
-def _model(config, method, rank, sparsity, num_users, targets=TARGETS):
+def _options(args, method) -> dict:
+    return {
+        "lrs": dict(rank=args.rank, sparsity=args.sparsity),
+        "lrs_materialized": dict(rank=args.rank, sparsity=args.sparsity),
+        "lora": dict(rank=args.lora_rank),
+        "head": {},
+        "user_lora": dict(rank=args.plora_rank, embed_dim=args.embed_dim),
+    }[method]
+
+
+def _model(args, config, method, num_users, targets=TARGETS):
     model = nnx_model.GPT(config, rngs=nnx.Rngs(0))
     if method != "base":
-        kw = dict(sparsity=sparsity) if method.startswith("lrs") else {}
-        name = "lrs" if method.startswith("lrs") else "lora"
         layers.personalize(
-            model, targets, rank=rank, num_users=num_users, rngs=nnx.Rngs(1),
-            method=name, **kw,
+            model, targets, num_users=num_users, rngs=nnx.Rngs(1),
+            method=method.removesuffix("_materialized"), **_options(args, method),
         )  # fmt: skip
     for layer in layers.adapter_layers(model).values():
         layer.materialize = method == "lrs_materialized"
@@ -77,106 +116,248 @@ def _forward(model):
     return run, state
 
 
-def _best_time(fn, reps) -> float:
-    jax.block_until_ready(fn())  # compile / warm up
-    times = []
+def _best_times(fns: dict, reps) -> dict:
+    """Best-of-``reps`` seconds of each ``fn``, interleaved: round after round
+    calls every fn once, so a change of the machine's load hits all alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # compile / warm up
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
-def bytes_per_user(model) -> int:
-    return sum(
-        int(np.prod(v.shape[1:])) * v.dtype.itemsize
-        for v in jax.tree.leaves(nnx.state(model, layers.UserTable))
+def _nbytes(variables, per_row=False) -> int:
+    leaves = jax.tree.leaves(variables)
+    if per_row:
+        return sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in leaves)
+    return sum(int(v.size) * v.dtype.itemsize for v in leaves)
+
+
+def storage(model) -> dict:
+    """Bytes per user, shared adapter bytes (U counted) and base bytes."""
+    return dict(
+        bytes_per_user=_nbytes(nnx.state(model, layers.UserTable), per_row=True),
+        shared_adapter_bytes=_nbytes(nnx.state(model, layers.SharedParam)),
+        base_bytes=_nbytes(
+            nnx.state(model, nnx.All(nnx.Param, nnx.Not(layers.SharedParam)))
+        ),
     )
-
-
-def shared_bytes(model) -> int:
-    return sum(v.nbytes for v in jax.tree.leaves(nnx.state(model, layers.SharedParam)))
 
 
 def forward_sweep(args, config, batches, reps, num_users=1000) -> dict:
     key = jax.random.key(args.seed)
-    out = {}
-    for method in ("base", "lrs", "lrs_materialized", "lora"):
-        rank = args.lora_rank if method == "lora" else args.rank
-        model = _model(config, method, rank, args.sparsity, num_users)
-        run, state = _forward(model)
-        rows = []
-        for b in batches:
-            k1, k2 = jax.random.split(jax.random.fold_in(key, b))
-            tokens = jax.random.randint(k1, (b, config.seq_len), 0, config.vocab)
-            ids = jax.random.randint(k2, (b,), 0, num_users)
+    runs, out = {}, {}
+    for m in FORWARD:
+        model = _model(args, config, m, num_users)
+        runs[m], out[m] = _forward(model), dict(rows=[], **storage(model))
+    for b in batches:
+        k1, k2 = jax.random.split(jax.random.fold_in(key, b))
+        tokens = jax.random.randint(k1, (b, config.seq_len), 0, config.vocab)
+        ids = jax.random.randint(k2, (b,), 0, num_users)
+        fns = {m: functools.partial(run, state, tokens, ids)
+               for m, (run, state) in runs.items()}  # fmt: skip
+        seconds = _best_times(fns, reps)
+        for m, (run, state) in runs.items():
             temp = run.lower(state, tokens, ids).compile().memory_analysis()
-            seconds = _best_time(lambda: run(state, tokens, ids), reps)
-            rows.append(dict(batch=b, seconds=seconds,
-                             temp_bytes=int(temp.temp_size_in_bytes)))  # fmt: skip
-        out[method] = dict(
-            rows=rows,
-            bytes_per_user=bytes_per_user(model),
-            shared_adapter_bytes=shared_bytes(model),
-        )
+            row = dict(batch=b, seconds=seconds[m], temp_bytes=temp.temp_size_in_bytes)
+            out[m]["rows"].append(row)
     return out
 
 
-def train_sweep(args, config, user_counts, batch=32, steps=5) -> list:
-    rows = []
+def _train_step(args, config, method, n, batch):
+    """A compiled training step of ``method`` for ``n`` users and its inputs."""
     step_config = nnx_train.StepConfig(train="adapters")
-    for n in user_counts:
-        model = _model(config, "lrs", args.rank, args.sparsity, n, TRAIN_TARGETS)
-        graphdef, state, opt = nnx_train.init(model, step_config)
-        del model
-        step = nnx_train.make_step(graphdef, step_config, opt)
-        key = jax.random.fold_in(jax.random.key(args.seed), n)
-        tokens = jax.random.randint(key, (batch, config.seq_len), 0, config.vocab)
-        ids = jax.random.randint(key, (batch,), 0, n)
-        state, loss = step(state, tokens, tokens, ids)  # compile
-        jax.block_until_ready(loss)
-        times = []
-        for _ in range(steps):
+    model = _model(args, config, method, n, TRAIN_TARGETS)
+    graphdef, state, opt = nnx_train.init(model, step_config)
+    step = nnx_train.make_step(graphdef, step_config, opt)
+    key = jax.random.fold_in(jax.random.key(args.seed), n)
+    tokens = jax.random.randint(key, (batch, config.seq_len), 0, config.vocab)
+    ids = jax.random.randint(key, (batch,), 0, n)
+    state, loss = step(state, tokens, tokens, ids)  # compile
+    jax.block_until_ready(loss)
+    return [step, state, tokens, ids]
+
+
+def train_sweep(args, config, user_counts, batch=32, steps=5) -> list:
+    """Best-of-``steps`` step time per (method, users), interleaved rounds."""
+    rows, live = [], {}
+    for method in TRAIN:
+        per_user = storage(_model(args, config, method, 1, TRAIN_TARGETS))
+        for n in user_counts:
+            table_bytes = per_user["bytes_per_user"] * n
+            rows.append(dict(method=method, num_users=n, batch=batch,
+                             table_bytes=table_bytes, seconds=None))  # fmt: skip
+            if table_bytes > args.table_budget:
+                rows[-1]["skipped"] = "tables over --table-budget"
+            else:
+                live[len(rows) - 1] = _train_step(args, config, method, n, batch)
+    for _ in range(steps):
+        for i, run in live.items():
+            step, state, tokens, ids = run
             start = time.perf_counter()
-            state, loss = step(state, tokens, tokens, ids)
+            run[1], loss = step(state, tokens, tokens, ids)
             jax.block_until_ready(loss)
-            times.append(time.perf_counter() - start)
-        rows.append(dict(num_users=n, batch=batch, seconds=float(np.median(times))))
-        del state
+            seconds = time.perf_counter() - start
+            rows[i]["seconds"] = min(rows[i]["seconds"] or seconds, seconds)
+    return rows
+
+
+def _planted_mlp(seed, m, t=4, d_in=32, hidden=16, rank=2, k=2):
+    """Student (new users at zero), teacher rows, train and held-out data."""
+    mlp = nnx_model.MLP([d_in, hidden, 1], rngs=nnx.Rngs(seed))
+    layers.personalize(mlp, "layers/1", rank=rank, sparsity=k, num_users=1,
+                       rngs=nnx.Rngs(seed + 1))  # fmt: skip
+    new = np.asarray(store.add_users(mlp, t))
+    teacher = nnx.clone(mlp)
+    layer, rng = teacher.layers[1], np.random.default_rng(seed)
+    planted = dict(
+        V=rng.normal(size=(t, rank)),
+        indices=np.stack([rng.choice(hidden, k, replace=False) for _ in range(t)]),
+        values=rng.normal(size=(t, k)),
+    )
+    for name, rows in planted.items():
+        table = getattr(layer, name)
+        table[...] = table[...].at[new].set(rows.astype(table.dtype))
+    graphdef, state = nnx.split(teacher)
+    forward = jax.jit(lambda s, x, i: layers.apply(nnx.merge(graphdef, s), x, i))
+
+    def samples(count, salt):
+        key = jax.random.fold_in(jax.random.key(seed), salt)
+        x = jax.random.normal(key, (t * count, d_in), jnp.float32)
+        ids = jnp.repeat(jnp.asarray(new), count)
+        return x, forward(state, x, ids), ids
+
+    return mlp, samples(m, 1), samples(200, 2)
+
+
+def _mse(outputs, targets):
+    return jnp.mean((outputs - targets) ** 2)
+
+
+def cold_start_sweep(args, samples, steps=300, lr=0.3) -> list:
+    rows = []
+    for m in samples:
+        mlp, train, test = _planted_mlp(args.seed, m)
+        exact_s = []
+        for _ in range(2):  # the first call compiles the solver for these shapes
+            exact = nnx.clone(mlp)
+            start = time.perf_counter()
+            cold_start.cold_start_exact(exact, "layers/1", *train)
+            exact_s.append(time.perf_counter() - start)
+        grad = nnx.clone(mlp)
+        nnx.update(grad, jax.tree.map(jnp.copy, nnx.state(grad)))
+        config = nnx_train.StepConfig(train="users", user_lr=lr)
+        graphdef, state, opt = nnx_train.init(grad, config)
+        step = nnx_train.make_step(graphdef, config, opt, loss_fn=_mse)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, loss = step(state, *train[:2], train[2])
+        jax.block_until_ready(loss)
+        grad_s = time.perf_counter() - start  # the first step compiles
+        nnx_train.update_model(grad, state)
+        row = dict(m=m, exact_seconds_first=exact_s[0], exact_seconds=exact_s[1],
+                   gradient_seconds=grad_s, gradient_steps=steps,
+                   gradient_lr=lr)  # fmt: skip
+        for name, model in (("base", mlp), ("exact", exact), ("gradient", grad)):
+            row[f"{name}_train_mse"] = float(nnx_train.evaluate(model, *train, _mse))
+            row[f"{name}_test_mse"] = float(nnx_train.evaluate(model, *test, _mse))
+        rows.append(row)
     return rows
 
 
 def run(args) -> dict:
     config = nnx_model.GPTConfig()
-    batches = (1, 8, 64) if args.quick else (1, 4, 16, 64, 256, 1024)
-    users = (1_000, 100_000) if args.quick else (1_000, 100_000, 1_000_000)
+    batches = args.batches or ((1, 8, 64) if args.quick else (1, 4, 16, 64, 256, 1024))
+    users = args.users or (
+        (1_000, 100_000) if args.quick else (1_000, 100_000, 1_000_000)
+    )
     start = time.perf_counter()
     forward = forward_sweep(args, config, batches, reps=3 if args.quick else 10)
     train = train_sweep(args, config, users)
-    largest = batches[-1]
-
-    def at(method, field="seconds"):
-        return next(r[field] for r in forward[method]["rows"] if r["batch"] == largest)
-
-    summary = dict(
-        batch=largest,
-        lrs_over_base=at("lrs") / at("base"),
-        lrs_over_lora=at("lrs") / at("lora"),
-        lrs_over_materialized=at("lrs") / at("lrs_materialized"),
-        temp_bytes={m: at(m, "temp_bytes") for m in forward},
-        train_slowest_over_fastest=max(r["seconds"] for r in train)
-        / min(r["seconds"] for r in train),
-    )
+    cold = cold_start_sweep(args, (8, 12, 16))
     return dict(
         args=vars(args),
         model=vars(config) | dict(targets=TARGETS, train_targets=TRAIN_TARGETS),
         forward=forward,
         train=train,
-        summary=summary,
+        cold_start=cold,
+        summary=summarize(forward, train),
         platform=dict(backend=jax.default_backend(), machine=platform.machine(),
                       jax=jax.__version__, deadlock_flag_set=DEADLOCK_FLAG_SET),
         seconds=time.perf_counter() - start,
     )  # fmt: skip
+
+
+def summarize(forward, train) -> dict:
+    """LRS's forward time over each method's at the largest batch, and how flat
+    each method's step time is over the user counts."""
+    largest = forward["base"]["rows"][-1]["batch"]
+
+    def at(method, field="seconds"):
+        return next(r[field] for r in forward[method]["rows"] if r["batch"] == largest)
+
+    flat = {}
+    for method in TRAIN:
+        times = [r["seconds"] for r in train if r["method"] == method and r["seconds"]]
+        if len(times) > 1:
+            flat[method] = max(times) / min(times)
+    return dict(
+        batch=largest,
+        lrs_over={m: at("lrs") / at(m) for m in forward if m != "lrs"},
+        temp_bytes={m: at(m, "temp_bytes") for m in forward},
+        train_slowest_over_fastest=flat,
+    )
+
+
+def plot(result, path) -> None:
+    """Forward time and temporary memory vs batch; step time vs users."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.2))
+    FigureCanvasAgg(fig)
+    ax_time, ax_mem, ax_train = fig.subplots(1, 3)
+    for i, (method, entry) in enumerate(result["forward"].items()):
+        batch = [r["batch"] for r in entry["rows"]]
+        style = dict(marker="o", color=f"C{i}", label=method)
+        ax_time.loglog(batch, [r["seconds"] * 1e3 for r in entry["rows"]], **style)
+        mem = [max(r["temp_bytes"], 1) / 2**20 for r in entry["rows"]]
+        ax_mem.loglog(batch, mem, **style)
+    for i, method in enumerate(TRAIN):
+        rows = [r for r in result["train"] if r["method"] == method and r["seconds"]]
+        color = f"C{FORWARD.index(method)}"
+        if rows:
+            ax_train.semilogx([r["num_users"] for r in rows],
+                              [r["seconds"] * 1e3 for r in rows], marker="o",
+                              color=color, label=method)  # fmt: skip
+    ax_time.set(xlabel="batch", ylabel="forward ms", title="forward time (GPT)")
+    ax_mem.set(xlabel="batch", ylabel="temporary MiB", title="compiled temp memory")
+    ax_train.set(xlabel="users", ylabel="step ms", title="training step (batch 32)")
+    ax_train.set_ylim(bottom=0)
+    for ax in (ax_time, ax_mem, ax_train):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _line(result, path) -> str:
+    s = result["summary"]
+    ratios = ", ".join(f"{m} {v:.2f}" for m, v in s["lrs_over"].items())
+    flat = ", ".join(f"{m} {v:.2f}" for m, v in s["train_slowest_over_fastest"].items())
+    cold = "; ".join(
+        f"m={r['m']}: exact {r['exact_test_mse']:.2g} vs gradient "
+        f"{r['gradient_test_mse']:.2g}"
+        for r in result["cold_start"]
+    )
+    return (
+        f"bench_nnx: batch {s['batch']}: LRS time over {ratios}; train step "
+        f"slowest / fastest over users: {flat}; cold start held-out mse {cold}; "
+        f"wrote {path}"
+    )
 
 
 def main(argv=None) -> int:
@@ -186,16 +367,10 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, "bench_nnx.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    s = result["summary"]
-    print(json.dumps(result))
-    print(
-        f"bench_nnx: batch {s['batch']}: LRS / base {s['lrs_over_base']:.2f}, "
-        f"LRS / LoRA {s['lrs_over_lora']:.2f}, LRS / materialized "
-        f"{s['lrs_over_materialized']:.2f}; train step slowest / fastest over "
-        f"{[r['num_users'] for r in result['train']]} users "
-        f"{s['train_slowest_over_fastest']:.2f}; wrote {path}",
-        file=sys.stdout,
-    )
+    if not args.no_plot:
+        plot(result, os.path.join(args.out, "bench_nnx.png"))
+    print(json.dumps(result["summary"]))
+    print(_line(result, path))
     return 0
 
 

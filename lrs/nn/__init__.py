@@ -9,9 +9,14 @@ parameters to and from ``.npz``).
 Flax NNX adapters (need the ``nn`` extra: ``pip install lrs[nn]``), loaded on
 first use so that ``import lrs.nn`` does not import Flax:
 :mod:`~lrs.nn.layers` (:class:`LRSLinear`, :class:`UserLoRALinear`,
-:func:`personalize`, :func:`users`), :mod:`~lrs.nn.nnx_model` (an NNX GPT and
-MLP), :mod:`~lrs.nn.nnx_train` (the training step) and :mod:`~lrs.nn.store`
-(grow, export / import users, Orbax checkpoints).
+:func:`personalize`, :func:`users`), :mod:`~lrs.nn.baseline_layers` (the
+per-user head :class:`UserHeadLinear` and PLoRA's user-conditioned LoRA
+:class:`PLoRALinear`), :mod:`~lrs.nn.nnx_model` (an NNX GPT and MLP),
+:mod:`~lrs.nn.nnx_train` (the training step), :mod:`~lrs.nn.cold_start`
+(:func:`cold_start_exact`: new users at the output layer by AMHT's per-user
+solver), :mod:`~lrs.nn.store` (grow, export / import users, Orbax
+checkpoints) and :mod:`~lrs.nn.dp` (user-level DP training of the shared
+parameters).
 """
 
 import importlib
@@ -22,17 +27,28 @@ from lrs.nn.personalized import LRSLayerConfig, LRSUsers, personalized_apply
 
 # name -> module holding it; these modules import Flax, so they load on first use
 _LAZY = {
+    "ExactColdStart": "lrs.nn.cold_start",
     "LRSLinear": "lrs.nn.layers",
+    "PLoRALinear": "lrs.nn.baseline_layers",
     "SharedParam": "lrs.nn.layers",
+    "UserAdapter": "lrs.nn.layers",
+    "UserHeadLinear": "lrs.nn.baseline_layers",
     "UserLoRALinear": "lrs.nn.layers",
     "UserSupport": "lrs.nn.layers",
     "UserTable": "lrs.nn.layers",
     "adapter_layers": "lrs.nn.layers",
+    "DPTrainConfig": "lrs.nn.dp",
+    "DPTrainResult": "lrs.nn.dp",
+    "train_shared_private": "lrs.nn.dp",
+    "cold_start_exact": "lrs.nn.cold_start",
     "personalize": "lrs.nn.layers",
     "users": "lrs.nn.layers",
     "add_users": "lrs.nn.store",
     "export_user": "lrs.nn.store",
     "import_user": "lrs.nn.store",
+    "baseline_layers": None,
+    "cold_start": None,
+    "dp": None,
     "layers": None,
     "nnx_model": None,
     "nnx_train": None,

@@ -2,8 +2,9 @@
 
 * :func:`add_users` appends rows for new users to every per-user table;
 * :func:`export_user` / :func:`import_user` move one user's rows (``V``,
-  ``indices``, ``values`` of every LRS layer; ``A``, ``B`` of LoRA layers) as
-  ``{"<layer path>/<name>": array}``;
+  ``indices``, ``values`` of every LRS layer; ``A``, ``B`` of LoRA layers;
+  ``D`` of per-user heads; ``E`` of PLoRA layers: each adapter's ``tables``)
+  as ``{"<layer path>/<name>": array}``;
 * :func:`save` / :func:`load` write and read the whole model state (base,
   shared factors, tables) with Orbax (``orbax.checkpoint``, tensorstore
   arrays: nothing is pickled) next to ``lrs_nnx.json``, which records the
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrs.nn.layers import LRSLinear, adapter_layers
+from lrs.nn.layers import adapter_layers
 
 __all__ = ["FORMAT_VERSION", "add_users", "export_user", "import_user", "load", "save"]
 
@@ -46,8 +47,9 @@ def num_users(model) -> int:
 def add_users(model, count: int, *, rngs=None) -> range:
     """Appends ``count`` users to every table; returns their ids.
 
-    New LRS rows are zero (the base model for those users); new LoRA rows draw
-    ``A`` from ``rngs`` (default ``nnx.Rngs(current number of users)``).
+    New LRS, head and PLoRA rows are zero (the base model for those users);
+    new LoRA rows draw ``A`` from ``rngs`` (default ``nnx.Rngs(current number
+    of users)``).
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be an integer >= 1; got {count!r}")
@@ -60,12 +62,6 @@ def add_users(model, count: int, *, rngs=None) -> range:
     return range(start, start + count)
 
 
-def _user_tables(layer) -> dict:
-    return {"V": layer.V, "indices": layer.indices, "values": layer.values} if (
-        isinstance(layer, LRSLinear)
-    ) else {"A": layer.A, "B": layer.B}  # fmt: skip
-
-
 def export_user(model, user_id: int) -> dict[str, np.ndarray]:
     """One user's rows of every table: ``{"<layer path>/<name>": np.ndarray}``."""
     n = num_users(model)
@@ -74,7 +70,7 @@ def export_user(model, user_id: int) -> dict[str, np.ndarray]:
     return {
         f"{path}/{name}": np.asarray(table[int(user_id)])
         for path, layer in adapter_layers(model).items()
-        for name, table in _user_tables(layer).items()
+        for name, table in layer.user_tables().items()
     }
 
 
@@ -86,7 +82,7 @@ def import_user(model, user_id: int, rows) -> None:
     tables = {
         f"{path}/{name}": table
         for path, layer in adapter_layers(model).items()
-        for name, table in _user_tables(layer).items()
+        for name, table in layer.user_tables().items()
     }
     if set(rows) != set(tables):
         raise ValueError(
@@ -109,12 +105,10 @@ def _flat(model) -> dict:
 
 
 def _record(model) -> dict:
-    layers = {}
-    for path, layer in adapter_layers(model).items():
-        kind = "lrs" if isinstance(layer, LRSLinear) else "lora"
-        layers[path] = dict(method=kind, rank=layer.rank)
-        if kind == "lrs":
-            layers[path]["sparsity"] = layer.sparsity
+    layers = {
+        path: dict(method=layer.method, **layer.settings())
+        for path, layer in adapter_layers(model).items()
+    }
     arrays = {
         key: dict(shape=list(v.shape), dtype=str(v.dtype), type=type(v).__name__)
         for key, v in _flat(model).items()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import numpy as np
 
@@ -143,3 +146,40 @@ def check_key(key, *, name: str = "key", default=None):
             f"{type(key).__name__} of shape {np.shape(key)}"
         )
     return key
+
+
+def check_real(name: str, value, expected: str = "a finite number") -> float:
+    """``value`` as a float: any real number (Python or numpy) but a bool.
+
+    Raises:
+      ValueError: naming ``name`` and ``expected`` for a bool, a non-number or
+        a non-finite value.
+    """
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    return value
+
+
+def check_integer(name: str, value, low: int) -> int:
+    """``value`` as an int ``>= low``: any integer (Python or numpy) but a bool."""
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Integral)
+        or value < low
+    ):
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    return int(value)
+
+
+def check_representable(name: str, value: float, dtype) -> None:
+    """Refuses a positive scale that ``dtype`` turns into 0 or inf (a clip
+    level of 1e39 in float32 would clip nothing; 1e-46 everything)."""
+    info = np.finfo(dtype)
+    if not float(info.tiny) <= value <= float(info.max):
+        raise ValueError(
+            f"{name}={value!r} is not representable in {np.dtype(dtype).name} "
+            f"(it must lie in [{float(info.tiny):g}, {float(info.max):g}])"
+        )

@@ -390,3 +390,15 @@ def test_cli_audit_refuses_a_bad_seed_and_documents_itself():
     assert "seed" in bad.stderr.strip().splitlines()[-1]
     helped = run("--help")
     assert helped.returncode == 0 and "Clopper-Pearson" in helped.stdout
+
+
+def test_an_audit_whose_canary_makes_no_difference_is_refused():
+    """A canary that overflows float32 makes D and D' equal: the audit would
+    report 'not flagged' having tested nothing."""
+    problem = audit.AuditProblem(
+        d=6, r=1, k=1, m=8, t=10, canary_scale=1e300, dtype="float32"
+    )
+    with pytest.raises(ValueError, match="no difference"):
+        audit.audit(audit.AuditConfig(trials=20), problem)
+    with pytest.raises(ValueError, match="key"):
+        audit.audit(audit.AuditConfig(trials=20), key=0)

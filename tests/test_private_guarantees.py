@@ -301,3 +301,27 @@ def test_a_public_starting_U_releases_no_initialization(fit):
         np.abs(diag.transcript.U[0]), np.abs(expected), atol=1e-12
     )
     assert record.epsilon <= DP.epsilon
+
+
+def test_settings_the_fit_cannot_honour_are_refused_by_name():
+    """From an adversarial probe: each of these ran silently (clip levels
+    rounded to 0 or inf in float32) or crashed deep inside (IndexError,
+    scipy's brentq) instead of naming the argument."""
+    with jax.enable_x64(False):
+        data, _ = lrs.synthetic.make_problem(
+            jax.random.key(0), d=6, t=40, m=12, r=2, k=1
+        )
+        config = lrs.AMHTConfig(rank=2, sparsity=1, num_iters=2)
+        key = jax.random.key(1)
+        dp = functools.partial(private.DPConfig, epsilon=4.0, delta=1e-5)
+        cases = [
+            (config, dp(clip_gradient=1e39), "clip_gradient"),
+            (config, dp(clip_moment=1e-46), "clip_moment"),
+            (config, private.DPConfig(epsilon=1e6, delta=1e-5), "epsilon"),
+            (config, private.DPConfig(epsilon=4.0, delta=5e-324), "delta"),
+            (lrs.AMHTConfig(rank=2, sparsity=1, num_iters=0),
+             private.DPConfig(epsilon=4.0, delta=1e-5), "num_iters"),
+        ]  # fmt: skip
+        for amht, dp, name in cases:
+            with pytest.raises(ValueError, match=name):
+                private.fit(data, amht, dp, key=key)

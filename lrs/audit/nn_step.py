@@ -24,6 +24,7 @@ import numpy as np
 from lrs.audit.bounds import epsilon_lower_bound
 from lrs.audit.run import AuditResult
 from lrs.private import accounting
+from lrs.validation import check_integer, check_key, check_real, check_representable
 
 __all__ = ["audit_nn_dp_step"]
 
@@ -88,10 +89,23 @@ def audit_nn_dp_step(
 
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}; got {fault!r}")
-    for name, value in (("trials", trials), ("users", users)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"{name} must be an integer >= 2; got {value!r}")
-    key = jax.random.key(0) if key is None else key
+    epsilon = check_real("epsilon", epsilon, "a finite number > 0")
+    delta = check_real("delta", delta, "a number in (0, 1)")
+    confidence = check_real("confidence", confidence, "a number in (0, 1)")
+    clip_norm = check_real("clip_norm", clip_norm, "a finite number > 0")
+    for name, value, ok in (
+        ("epsilon", epsilon, epsilon > 0),
+        ("delta", delta, 0 < delta < 1),
+        ("confidence", confidence, 0 < confidence < 1),
+        ("clip_norm", clip_norm, clip_norm > 0),
+    ):
+        if not ok:
+            raise ValueError(f"{name} is out of range; got {value!r}")
+    check_representable("clip_norm", clip_norm, np.float32)
+    trials = check_integer("trials", trials, 2)
+    users = check_integer("users", users, 2)
+    batch_trials = check_integer("batch_trials", batch_trials, 1)
+    key = check_key(key, default=jax.random.key(0))
     k_data, k_out, k_in = jax.random.split(key, 3)
     plan = accounting.Plan(
         steps=1, private_init=False, moment_histogram=False, step_histogram=False

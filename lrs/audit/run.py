@@ -41,6 +41,7 @@ from lrs.audit.bounds import EpsilonBound, epsilon_lower_bound
 from lrs.audit.canary import AuditProblem, neighbouring_datasets
 from lrs.audit.scorers import fit_scorer, step_scorer
 from lrs.errors import FitError
+from lrs.validation import check_key
 
 LEVELS = ("step", "fit")
 FAULTS = (None, "half_noise", "no_clipping", "key_reuse")
@@ -218,13 +219,20 @@ def _check_arguments(config, problem) -> AuditProblem:
 
 def _audit(config, problem, key, progress, observers) -> dict[str, AuditResult]:
     """The audit of ``config`` on ``problem``, one result per attacker."""
-    key = jax.random.key(0) if key is None else key
+    key = check_key(key, default=jax.random.key(0))
     k_data, k_runs = jax.random.split(key)
     start = time.perf_counter()
     with jax.enable_x64(True):
         neighbours = neighbouring_datasets(problem, k_data)
         make = step_scorer if config.level == "step" else fit_scorer
         scorer = make(problem, neighbours, config, observers)
+        if config.level == "step" and not scorer.sensitivity > 1e-6:
+            raise ValueError(
+                "the canary makes no difference between D and D' (sensitivity "
+                f"used {scorer.sensitivity:g}): the audit would test nothing; "
+                f"check canary_scale={problem.canary_scale!r} against "
+                f"dtype={problem.dtype!r}"
+            )
         scores_in, scores_out = _both_sides(scorer, config, k_runs, progress)
     seconds = time.perf_counter() - start
     results = {}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -41,7 +42,12 @@ from flax import nnx
 from lrs.nn.layers import SharedParam, UserSupport, UserTable, users
 from lrs.private import accounting
 from lrs.private import mechanism as mech
-from lrs.validation import check_key
+from lrs.validation import (
+    check_integer,
+    check_key,
+    check_real,
+    check_representable,
+)
 
 __all__ = ["DPTrainConfig", "DPTrainResult", "train_shared_private"]
 
@@ -77,26 +83,26 @@ class DPTrainConfig:
     train: str = "adapters"
 
     def __post_init__(self):
-        if not (isinstance(self.epsilon, int | float) and self.epsilon > 0):
-            raise ValueError(f"epsilon must be > 0 (or inf); got {self.epsilon!r}")
-        if not (isinstance(self.delta, float) and 0 < self.delta < 1):
-            raise ValueError(f"delta must be a float in (0, 1); got {self.delta!r}")
+        epsilon = self.epsilon
+        if isinstance(epsilon, bool) or not (
+            isinstance(epsilon, numbers.Real) and epsilon > 0
+        ):
+            raise ValueError(f"epsilon must be a number > 0 (or inf); got {epsilon!r}")
+        delta = check_real("delta", self.delta, "a number in (0, 1)")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must lie in (0, 1); got {self.delta!r}")
         for name in ("steps", "users_per_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+            check_integer(name, getattr(self, name), 1)
         for name in ("clip_norm", "learning_rate", "user_lr"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number; got {value!r}")
-        if not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0; got {self.clip_norm!r}")
+            value = check_real(name, getattr(self, name), "a finite number >= 0")
+            if value < 0 or (name == "clip_norm" and value == 0):
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         if self.train not in TRAIN:
             raise ValueError(f"train must be one of {TRAIN}; got {self.train!r}")
 
     @property
     def non_private(self) -> bool:
-        return self.epsilon == math.inf
+        return float(self.epsilon) == math.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +115,10 @@ class DPTrainResult:
       noise_multiplier: ``z``; each release's noise is ``2 z clip_norm``.
       accountant: ``'rdp'`` (subsampled) or ``'pld'``.
       sampling_rate: ``users_per_step / n``.
-      losses: ``(steps,)`` mean training loss of each step's batch. NOT
-        private (exact, from the raw data): for debugging only.
+      nonprivate_losses: ``None`` unless asked for
+        (``nonprivate_losses=True``): the ``(steps,)`` exact mean training loss
+        of each step's batch, computed from the raw data and NOT private (a
+        user's outlier loss shows which steps drew it).
     """
 
     epsilon: float
@@ -118,7 +126,7 @@ class DPTrainResult:
     noise_multiplier: float
     accountant: str
     sampling_rate: float
-    losses: jax.Array
+    nonprivate_losses: jax.Array | None = None
 
 
 def _plan(config: DPTrainConfig, num_users: int) -> accounting.Plan:
@@ -145,20 +153,29 @@ def _check_inputs(model, inputs, targets) -> int:
     tables = nnx.state(model, UserTable)
     if not jax.tree.leaves(tables):
         raise ValueError("model has no personalized layer: call lrs.nn.personalize")
-    n_in = jax.tree.leaves(inputs)[0].shape[0]
-    n_out = jax.tree.leaves(targets)[0].shape[0]
-    if n_in != n_out:
-        raise ValueError(
-            "inputs and targets must have one row per user (leading axis n); "
-            f"got {n_in} and {n_out}"
-        )
     n_users = jax.tree.leaves(tables)[0].shape[0]
-    if n_in != n_users:
+    for name, tree in (("inputs", inputs), ("targets", targets)):
+        for leaf in jax.tree.leaves(tree):
+            if getattr(leaf, "ndim", 0) < 2:
+                raise ValueError(
+                    f"{name} must be arrays (n users, m examples, ...); got shape "
+                    f"{getattr(leaf, 'shape', None)}"
+                )
+            if leaf.shape[0] != n_users:
+                raise ValueError(
+                    f"{name} must hold all {n_users} users of the model (row u = "
+                    f"user u); got {leaf.shape[0]} rows"
+                )
+            if leaf.shape[1] < 1:
+                raise ValueError(f"{name} must hold m >= 1 examples per user")
+    m_in = {leaf.shape[1] for leaf in jax.tree.leaves(inputs)}
+    m_out = {leaf.shape[1] for leaf in jax.tree.leaves(targets)}
+    if len(m_in | m_out) != 1:
         raise ValueError(
-            f"inputs must hold all {n_users} users of the model (row u = user u); "
-            f"got {n_in} rows"
+            "inputs and targets must hold the same m examples per user (axis 1); "
+            f"got {sorted(m_in)} and {sorted(m_out)}"
         )
-    return n_in
+    return n_users
 
 
 def train_shared_private(
@@ -170,6 +187,7 @@ def train_shared_private(
     key,
     loss_fn: Callable | None = None,
     progress: Callable | None = None,
+    nonprivate_losses: bool = False,
 ) -> DPTrainResult:
     """Trains ``model``'s shared parameters with user-level DP (in place).
 
@@ -184,6 +202,8 @@ def train_shared_private(
       loss_fn: ``loss_fn(outputs, targets) -> scalar`` for one user's
         examples (default: mean squared error).
       progress: an optional ``tqdm``-like wrapper of the step range.
+      nonprivate_losses: also return each step's exact batch loss (NOT
+        private: it tells which steps drew an outlier user).
 
     Returns:
       A :class:`DPTrainResult`; the model holds the trained parameters.
@@ -195,13 +215,17 @@ def train_shared_private(
         raise ValueError(f"config must be a DPTrainConfig; got {type(config).__name__}")
     key = check_key(key)
     n = _check_inputs(model, inputs, targets)
-    loss_fn = _mse if loss_fn is None else loss_fn
+    if loss_fn is None:
+        _check_mse_targets(model, inputs, targets)
+        loss_fn = _mse
     z, name = noise_multiplier(config, n)
     batch = min(config.users_per_step, n)
     shared_filter = SharedParam if config.train == "adapters" else nnx.Param
     graphdef, itabs, ftabs, shared, frozen = nnx.split(
         model, UserSupport, _FLOAT_TABLE, shared_filter, ...
     )
+    for leaf in jax.tree.leaves(shared):
+        check_representable("clip_norm", float(config.clip_norm), leaf.dtype)
     optimizer = optax.adam(config.learning_rate)
     step = _make_step(graphdef, optimizer, loss_fn, config, z, batch)
     state = (itabs, ftabs, shared, optimizer.init(shared))
@@ -224,8 +248,28 @@ def train_shared_private(
         noise_multiplier=z,
         accountant=name,
         sampling_rate=batch / n,
-        losses=jnp.stack(losses),
+        nonprivate_losses=jnp.stack(losses) if nonprivate_losses else None,
     )
+
+
+def _check_mse_targets(model, inputs, targets) -> None:
+    """The default loss compares outputs and targets entry by entry: their
+    shapes must agree (a broadcast would silently fit something else)."""
+    first = jax.tree.map(lambda a: a[0], inputs)
+    m = jax.tree.leaves(first)[0].shape[0]
+
+    def forward(x):
+        with users(jnp.zeros((m,), jnp.int32)):
+            return model(x)
+
+    out = jax.eval_shape(forward, first)
+    want = jax.tree.leaves(targets)[0].shape[1:]
+    if getattr(out, "shape", None) != want:
+        raise ValueError(
+            f"targets must have the model's output shape per user, {out.shape}, "
+            f"for the default squared error; got {want} (pass loss_fn= for "
+            "another loss)"
+        )
 
 
 def _mse(outputs, targets):
@@ -272,11 +316,23 @@ def _make_step(graphdef, optimizer, loss_fn, config, z, batch):
         updates, opt_state = optimizer.update(released, opt_state, shared)
         shared = optax.apply_updates(shared, updates)
         ftabs = jax.tree.map(
-            lambda t, g: t.at[ids].add(-config.user_lr * g[:, 0]), ftabs, row_grads
+            lambda t, g: t.at[ids].set(
+                _finite_or(t[ids] - config.user_lr * g[:, 0], t[ids])
+            ),
+            ftabs,
+            row_grads,
         )
         return (itabs, ftabs, shared, opt_state), (jnp.mean(losses), released)
 
     return jax.jit(step)
+
+
+def _finite_or(new, old):
+    """``new`` where each user's row is finite, else ``old`` (a user whose own
+    data are non-finite or overflow keeps its row)."""
+    axes = tuple(range(1, new.ndim))
+    ok = jnp.all(jnp.isfinite(new), axis=axes, keepdims=True)
+    return jnp.where(ok, new, old)
 
 
 @jax.jit

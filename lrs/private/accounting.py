@@ -146,12 +146,24 @@ def calibrate(plan: Plan, epsilon: float, delta: float, accountant: str) -> floa
             f"epsilon={epsilon} is out of reach at delta={delta}: even noise "
             f"multiplier {Z_MAX:g} spends more over {plan.compositions} releases"
         )
-    z = search("rdp", Z_MIN, Z_MAX)
-    if accountant == "pld":
-        low = z / 2
-        while epsilon_spent(plan, low, delta, "pld") <= epsilon and low > Z_MIN:
-            low /= 2
-        z = search("pld", max(low, Z_MIN), z * (1 + 1e-3))
+    if epsilon_spent(plan, Z_MIN, delta, "rdp") <= epsilon:
+        raise ValueError(
+            f"epsilon={epsilon} at delta={delta} needs a noise multiplier below "
+            f"{Z_MIN:g} over {plan.compositions} releases: too large to calibrate "
+            "(choose a smaller epsilon, or the non-private mode for no noise)"
+        )
+    try:
+        z = search("rdp", Z_MIN, Z_MAX)
+        if accountant == "pld":
+            low = z / 2
+            while epsilon_spent(plan, low, delta, "pld") <= epsilon and low > Z_MIN:
+                low /= 2
+            z = search("pld", max(low, Z_MIN), z * (1 + 1e-3))
+    except (ValueError, OverflowError) as error:  # scipy's brentq, dp_accounting
+        raise ValueError(
+            f"cannot calibrate the noise to epsilon={epsilon}, delta={delta}: "
+            f"{error}"
+        ) from error
     # Brent's answer may sit a hair below the target; step up until it is met.
     while epsilon_spent(plan, z, delta, accountant) > epsilon:
         z *= 1 + 1e-4

@@ -63,7 +63,13 @@ from lrs.private.statistics import (  # noqa: F401
     user_statistics,
 )
 from lrs.sharding import UserAxis, psum
-from lrs.validation import check_init, check_key, check_layout, check_truth
+from lrs.validation import (
+    check_init,
+    check_key,
+    check_layout,
+    check_representable,
+    check_truth,
+)
 
 __all__ = [
     "NonPrivateDiagnostics",
@@ -241,6 +247,11 @@ def _check_config(config, dp_config) -> AMHTConfig:
             "fresh_samples must be 0 or 1 in the private fit (sample splitting is "
             f"not implemented there); got {config.fresh_samples}"
         )
+    if config.num_iters < 1:
+        raise ValueError(
+            "num_iters must be >= 1 in the private fit (it releases U after each "
+            f"of its num_iters shared steps); got {config.num_iters}"
+        )
     # The global rescue of the worst users makes one user's solver depend on
     # the others' residuals: off, so every user's fit stays local.
     return dataclasses.replace(config, rescue_fraction=0.0)
@@ -324,6 +335,9 @@ def prepare(data: UserData, config: AMHTConfig, dp_config: DPConfig, U0=None):
     data = check_layout(data, config)
     t, _, d = data.X.shape
     dtype = data.X.dtype
+    for name in ("clip_moment", "clip_gradient", "clip_gram"):
+        if getattr(dp_config, name) is not None:
+            check_representable(f"dp_config.{name}", getattr(dp_config, name), dtype)
     init_U = None
     if U0 is not None:
         init_U = orthonormalize(jnp.asarray(check_init(U0, d, config.rank, dtype)))[0]

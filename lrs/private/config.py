@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+
+from lrs.validation import check_real
 
 ACCOUNTANTS = ("auto", "pld", "rdp")
 
 
 def _real(name: str, value, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be {expected}; got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be {expected}; got {value!r}")
-    return float(value)
+    return check_real(name, value, expected)
 
 
 @dataclasses.dataclass(frozen=True)

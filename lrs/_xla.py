@@ -22,15 +22,16 @@ and does not order them), and the streamed fit runs the two candidates as
 separate programs (docs/scale.md).
 
 3. Compilation dominates short runs (``lrs demo``: 7 of 8 s).
-   :func:`use_compilation_cache` turns on JAX's persistent compilation cache,
-   so a program compiled once is loaded from disk by later processes.
+   :func:`use_compilation_cache` turns on JAX's persistent compilation cache
+   (bounded and locked), so a program compiled once is loaded from disk by
+   later processes.
    Programs with host callbacks (a fit with ``callback=``) are not cached
    (JAX's rule).
 
 The CLI, the benchmark scripts and the test suite call
-:func:`avoid_cpu_deadlock` and :func:`use_compilation_cache` first; library
-users who see a hang or erratic timings can do the same (or set the variables
-themselves).
+:func:`avoid_cpu_deadlock` first, and the CLI and the scripts
+:func:`use_compilation_cache`; library users who see a hang or erratic
+timings can do the same (or set the variables themselves).
 """
 
 import os
@@ -70,15 +71,19 @@ def _backend_started() -> bool:
 
 
 def default_cache_dir() -> str:
-    """``$LRS_COMPILATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/lrs/jax``, else
-    ``~/.cache/lrs/jax``."""
+    """``$LRS_COMPILATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/lrs/jax-cache``,
+    else ``~/.cache/lrs/jax-cache``."""
     explicit = os.environ.get("LRS_COMPILATION_CACHE_DIR")
     if explicit:
         return explicit
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
         os.path.expanduser("~"), ".cache"
     )
-    return os.path.join(base, "lrs", "jax")
+    return os.path.join(base, "lrs", "jax-cache")
+
+
+#: Size limit of the cache (least recently used entries go first).
+CACHE_MAX_BYTES = 2 * 2**30
 
 
 def use_compilation_cache(path: str | None = None) -> str | None:
@@ -87,19 +92,29 @@ def use_compilation_cache(path: str | None = None) -> str | None:
     A program compiled once (same shapes, dtypes, static configuration, jax
     version and XLA flags) is then loaded from disk by later processes instead
     of compiled again: ``lrs demo`` run twice compiles once. The CLI and the
-    benchmark scripts call this; library users may call it themselves, before
-    their first computation (JAX reads the setting then).
+    benchmark scripts call this (the test suite does not); library users may
+    call it themselves, before their first computation.
 
+    The cache is bounded (2 GiB, least recently used entries go first), which
+    makes JAX lock the directory around every read and write (``filelock``):
+    without the lock, a process can read an entry another is still writing
+    and crash (seen here: a segmentation fault in two concurrent test runs).
     The cache is trusted code: keep it in a directory only you can write
     (JAX's own warning). Opt out with ``LRS_NO_COMPILATION_CACHE=1``; set the
-    directory with ``path`` or ``LRS_COMPILATION_CACHE_DIR``. It has no size
-    limit (tens of MB after the test suite); delete it whenever you like.
+    directory with ``path`` or ``LRS_COMPILATION_CACHE_DIR``, which must not
+    be shared with processes that write to it without the size limit (their
+    entries lack the access times the eviction reads).
 
     Returns:
-      The cache directory, or None when opted out or when the user already
-      configured JAX's cache themselves (left untouched).
+      The cache directory, or None when opted out, when ``filelock`` is
+      missing, or when the user already configured JAX's cache themselves
+      (left untouched).
     """
     if os.environ.get("LRS_NO_COMPILATION_CACHE") == "1":
+        return None
+    try:
+        import filelock  # noqa: F401  (JAX's lock of a bounded cache)
+    except ImportError:
         return None
     import jax
 
@@ -112,9 +127,7 @@ def use_compilation_cache(path: str | None = None) -> str | None:
     # of 1 s would miss most of lrs's programs, which compile in 0.2-3 s).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    # No size limit: JAX's least-recently-used eviction breaks (every write
-    # fails) as soon as one process without it has written to the directory.
-    # The cache may be deleted at any time; it is rebuilt on demand.
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return path
 
 

@@ -1,11 +1,13 @@
 """Test configuration: the XLA deadlock work-around, x64, small-problem fixtures."""
 
-from lrs._xla import avoid_cpu_deadlock, use_compilation_cache
+import os
+
+from lrs._xla import avoid_cpu_deadlock
 
 avoid_cpu_deadlock()  # before jax is imported anywhere in the test session
-# Compiled programs persist across runs (~/.cache/lrs/jax; off with
-# LRS_NO_COMPILATION_CACHE=1): a second run of the suite compiles little.
-use_compilation_cache()
+# No persistent compilation cache in the tests (also for the CLI they run):
+# every run compiles what it checks, and concurrent runs never share files.
+os.environ["LRS_NO_COMPILATION_CACHE"] = "1"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -1,6 +1,6 @@
 """lrs: low-rank plus sparse model personalization in JAX."""
 
-from lrs import baselines, datasets, metrics, synthetic, theory
+from lrs import baselines, datasets, metrics, selection, synthetic, theory
 from lrs.amht import AMHTInfo, AMHTState, fit, init, personalize, step
 from lrs.config import AMHTConfig
 from lrs.data import UserData
@@ -26,6 +26,7 @@ __all__ = [
     "metrics",
     "personalize",
     "predict",
+    "selection",
     "step",
     "synthetic",
     "theory",

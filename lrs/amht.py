@@ -41,6 +41,13 @@ class AMHTState(NamedTuple):
     loss: jax.Array  # () mean squared training residual
     score: jax.Array  # (t,) relative residual ||res_i||^2 / ||y_i||^2 of each user
     half_step: jax.Array  # () int32, counts steps for fresh_samples batches
+    # () subspace distance moved by the last shared step (inf before the
+    # first); the next shared step's CG tolerance follows it.
+    u_change: jax.Array = float("inf")
+
+
+# Why a fit stopped: AMHTInfo.stop_code indexes this tuple.
+STOP_REASONS = ("running", "converged", "max_iterations", "stalled", "nonfinite")
 
 
 class AMHTInfo(NamedTuple):
@@ -51,6 +58,24 @@ class AMHTInfo(NamedTuple):
     cg_iters: jax.Array  # CG iterations in the shared step
     relative_error: jax.Array  # ||W - W*||_F / ||W*||_F (NaN without truth)
     subspace_distance: jax.Array  # sin of largest angle U vs U* (NaN without truth)
+    # int32: 0 while the fit goes on; in the last entry, why it stopped
+    # (an index into STOP_REASONS; see stop_reason).
+    stop_code: jax.Array = 0
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the fit stopped (from the last entry of ``stop_code``).
+
+        ``'converged'``: the U change fell below ``tol`` (each shared step's
+        CG is then accurate to a tenth of the change, so U is at the exact U
+        step's fixed point to about ``tol``); ``'max_iterations'``: the
+        ``num_iters`` budget ran out first; ``'stalled'``: the U change stopped
+        decreasing for ``stall_iters`` iterations while above ``tol``;
+        ``'nonfinite'``: the iterates overflowed (:func:`fit` raises then);
+        ``'running'``: not a last entry (a single :func:`step`).
+        """
+        code = np.asarray(self.stop_code).reshape(-1)
+        return STOP_REASONS[int(code[-1])] if code.size else "running"
 
 
 def _batch_mask(data: UserData, config: AMHTConfig, half_step) -> jax.Array:
@@ -67,7 +92,8 @@ def _state(U, fits: peruser.UserFit, data: UserData, half_step, axis=None):
     sums = psum((jnp.sum(fits.sq_residual), jnp.sum(data.mask)), axis)
     loss = sums[0] / sums[1]
     score = relative_residual(data, fits.sq_residual)
-    return AMHTState(U, fits.v, fits.support, fits.b, loss, score, half_step)
+    inf = jnp.full((), jnp.inf, U.dtype)
+    return AMHTState(U, fits.v, fits.support, fits.b, loss, score, half_step, inf)
 
 
 def initial_U(data: UserData, config: AMHTConfig, key, U0=None, axis=None):
@@ -124,12 +150,36 @@ def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig, axis=No
         ridge=config.ridge,
         solver=config.u_solver,
         max_iters=config.cg_iters,
-        # Inexact U steps: no more accuracy than the current fit warrants.
-        tol=jnp.maximum(cg_tol, 0.1 * jnp.sqrt(median)),
+        tol=shared_tolerance(cg_tol, median, state.u_change),
         chunk_size=chunk_size(data, config),
         axis=axis,
     )
     return U, stats.cg_iters
+
+
+def shared_tolerance(cg_tol, median_score, u_change):
+    """CG tolerance of a shared step: ``max(cg_tol, min(0.1 sqrt(median score),
+    0.1 u_change))``.
+
+    Inexact U steps: no more accuracy than the current fit warrants (the
+    users' relative residual) while U moves a lot, but a tenth of the last U
+    change once it is small, so a small change is a fixed point of the exact
+    step and not a CG step that barely moved (issue 16).
+    """
+    loose = jnp.minimum(0.1 * jnp.sqrt(median_score), 0.1 * u_change)
+    return jnp.maximum(cg_tol, loose)
+
+
+def stop_code(i, num_iters: int, change, best, since_best, loss, tol, stall: int):
+    """Why the loop stops after iteration ``i`` (index into STOP_REASONS; 0: it
+    goes on). ``best``: smallest U change so far, ``since_best``: iterations
+    since it was reached. Works on jax and numpy scalars alike."""
+    code = jnp.where(i >= num_iters, 2, 0)
+    if stall > 0:
+        code = jnp.where((i > 0) & (since_best >= stall), 3, code)
+    code = jnp.where((i > 0) & (change < tol), 1, code)
+    code = jnp.where(jnp.isfinite(loss), code, 4)
+    return code.astype(jnp.int32)
 
 
 def _iterate(state: AMHTState, data: UserData, config: AMHTConfig, first, axis=None):
@@ -150,7 +200,9 @@ def _iterate(state: AMHTState, data: UserData, config: AMHTConfig, first, axis=N
     new = _state(U, fits, user_data, state.half_step + 2, axis)
     nan = jnp.full((), jnp.nan, U.dtype)
     change = jnp.where(first, nan, metrics.subspace_distance(state.U, U))
-    return new, AMHTInfo(new.loss, change, cg_iters, nan, nan)
+    new = new._replace(u_change=jnp.where(first, jnp.inf, change).astype(U.dtype))
+    zero = jnp.zeros((), jnp.int32)
+    return new, AMHTInfo(new.loss, change, cg_iters, nan, nan, zero)
 
 
 def step(state: AMHTState, data: UserData, config: AMHTConfig):
@@ -227,36 +279,51 @@ def _fit_program(data, config: AMHTConfig, key, U0, truth, report: bool, axis=No
         jnp.zeros((), U.dtype),
         jnp.zeros((t,), U.dtype),
         jnp.zeros((), jnp.int32),
+        jnp.full((), jnp.inf, U.dtype),
     )
     info = AMHTInfo(
         *(jnp.zeros((), U.dtype),) * 2,
         jnp.zeros((), jnp.int32),
         *(jnp.zeros((), U.dtype),) * 2,
+        jnp.zeros((), jnp.int32),
     )
     # Entry i holds iteration i; fit() drops the entries after the last one.
     history = jax.tree.map(lambda a: jnp.zeros((config.num_iters + 1,), a.dtype), info)
 
     def cond(carry):
-        i, state, _, change = carry
-        going = (i <= config.num_iters) & (change >= tol) & jnp.isfinite(state.loss)
-        return (i == 0) | going
+        return carry[-1] == 0
 
     def body(carry):
-        i, state, history, _ = carry
+        i, state, history, best, since, _ = carry
         state, info = _iterate(state, data, config, i == 0, axis)
+        change = jnp.where(i == 0, jnp.inf, info.u_change)
+        since = jnp.where(change < best, 0, since + 1)
+        best = jnp.minimum(best, change)
+        code = stop_code(
+            i,
+            config.num_iters,
+            change,
+            best,
+            since,
+            state.loss,
+            tol,
+            config.stall_iters,
+        )
         info = _with_truth(info, state, truth, d, axis)
-        info = info._replace(loss=info.loss * scale**2)  # in the user's units
+        # in the user's units
+        info = info._replace(loss=info.loss * scale**2, stop_code=code)
         if report and axis is None:
             jax.debug.callback(_report, i, info, ordered=True)
         elif report:
             device = jax.lax.axis_index(axis.name)
             jax.debug.callback(_report_from, device, i, info)
         history = jax.tree.map(lambda h, a: h.at[i].set(a), history, info)
-        return i + 1, state, history, jnp.where(i == 0, jnp.inf, info.u_change)
+        return i + 1, state, history, best, since, code
 
     inf = jnp.asarray(jnp.inf, U.dtype)
-    carry = (jnp.zeros((), jnp.int32), state, history, inf)
-    done, state, history, _ = jax.lax.while_loop(cond, body, carry)
+    zero = jnp.zeros((), jnp.int32)
+    carry = (zero, state, history, inf, zero, zero)
+    done, state, history, *_ = jax.lax.while_loop(cond, body, carry)
     return _scale_values(_params(state, d), scale), history, done - 1
 
 
@@ -347,6 +414,7 @@ def fit(
         sharding.check_mesh(mesh)
     data = check_data(data, config)
     t, _, d = data.X.shape
+    config.check_features(d)
     if U0 is not None:
         U0 = jnp.asarray(check_init(U0, d, config.rank, data.X.dtype))
     if truth is not None:

@@ -27,14 +27,34 @@ class AMHTConfig:
       fresh_samples: split each user's samples into this many disjoint batches
         and use batch ``h mod fresh_samples`` for half-step ``h`` (as the theory
         assumes); 0 or 1 uses all samples every time.
-      ridge: l2 penalty added to every least-squares solve (per-user and U).
+      ridge: l2 penalty added to every least-squares solve: ``ridge ||v_i||^2``
+        (and ``ridge ||b_i||^2``) in each user's solve, ``ridge ||U||_F^2`` in
+        the shared one. Default 0: exact recovery of noiseless data. On real,
+        noisy data a positive value helps (ratings: 1-20, chosen by
+        :func:`lrs.selection.select`).
+      sparse_ridge: extra l2 shrinkage of the sparse values,
+        ``sparse_ridge ||b_i||^2`` in each user's solve (the support is still
+        chosen by hard thresholding; its values are shrunk towards 0). Default
+        0 (exact recovery); unshrunk idiosyncrasies overfit noisy ratings
+        (docs/results.md), where values of 5-50 help.
+      sparse_features: the features a user's sparse part may use, a tuple of
+        feature indices (e.g. the genre columns of rating data), or None for
+        all ``d``; ``sparsity`` must not exceed its length.
+      stall_iters: stop, reported as ``'stalled'``, when the U change has not
+        reached a new minimum for this many iterations (it hovers above
+        ``tol``: e.g. float rounding or users switching supports back and
+        forth); 0 never stops so.
       u_solver: ``'cg'`` (matrix-free preconditioned conjugate gradients, one
         data pass per product) or ``'dense'`` (forms the (d r)^2 normal matrix;
         small problems and testing only).
       cg_iters: maximum CG iterations per shared step.
       cg_tol: floor of the relative residual at which CG stops (``None``:
-        1e-5 / 1e-10); each shared step stops earlier, at
-        ``0.1 sqrt(median relative residual of the users)``, when that is larger.
+        1e-5 / 1e-10). Each shared step stops earlier, at
+        ``min(0.1 sqrt(median relative residual of the users), 0.1 x the
+        previous U change)`` when that is larger: loose while U moves a lot,
+        exact enough near the end that a small U change means a fixed point of
+        the exact step (not a CG step that barely moved); and CG always takes
+        at least one iteration.
       rescue_fraction: fraction of all users, those with the largest relative
         residual, that get the stronger solver (when they stand out: largest
         relative residual above 10x the median).
@@ -56,6 +76,9 @@ class AMHTConfig:
     init: str = "moments"
     fresh_samples: int = 0
     ridge: float = 0.0
+    sparse_ridge: float = 0.0
+    sparse_features: tuple[int, ...] | None = None
+    stall_iters: int = 10
     u_solver: str = "cg"
     cg_iters: int = 25
     cg_tol: float | None = None
@@ -75,6 +98,13 @@ class AMHTConfig:
         _check_int("cg_iters", self.cg_iters, 1)
         _check_int("l1_steps", self.l1_steps, 0)
         _check_int("init_iters", self.init_iters, 1)
+        _check_int("stall_iters", self.stall_iters, 0)
+        _check_real("sparse_ridge", self.sparse_ridge, "a finite number >= 0")
+        if self.sparse_ridge < 0:
+            raise ValueError(
+                f"sparse_ridge must be a finite number >= 0; got {self.sparse_ridge!r}"
+            )
+        self._check_sparse_features()
         _check_int("chunk_bytes", self.chunk_bytes, 1)
         if self.user_chunk_size is not None:
             _check_int("user_chunk_size", self.user_chunk_size, 1)
@@ -108,6 +138,39 @@ class AMHTConfig:
             )
         if self.init not in ("moments", "random"):
             raise ValueError(f"init must be 'moments' or 'random'; got {self.init!r}")
+
+    def _check_sparse_features(self) -> None:
+        features = self.sparse_features
+        if features is None:
+            return
+        if not isinstance(features, tuple) or not features:
+            raise ValueError(
+                "sparse_features must be None or a non-empty tuple of feature "
+                f"indices; got {features!r}"
+            )
+        for j in features:
+            if isinstance(j, bool) or not isinstance(j, int | np.integer) or j < 0:
+                raise ValueError(
+                    f"sparse_features must hold integers >= 0; got {j!r} in "
+                    f"{features!r}"
+                )
+        if len(set(features)) != len(features):
+            raise ValueError(f"sparse_features has repeated indices: {features!r}")
+        # plain sorted ints: equal configs hash equally
+        object.__setattr__(self, "sparse_features", tuple(sorted(map(int, features))))
+        if self.sparsity > len(features):
+            raise ValueError(
+                f"sparsity must be <= len(sparse_features) = {len(features)}; "
+                f"got {self.sparsity}"
+            )
+
+    def check_features(self, d: int) -> None:
+        """Raises ValueError if ``sparse_features`` names a feature ``>= d``."""
+        if self.sparse_features is not None and max(self.sparse_features) >= d:
+            raise ValueError(
+                f"sparse_features must be indices below d = {d}; got "
+                f"{max(self.sparse_features)}"
+            )
 
     def tolerances(self, dtype) -> tuple[float, float]:
         """``(tol, cg_tol)`` with the dtype-dependent defaults filled in."""

@@ -173,20 +173,41 @@ class UserData(NamedTuple):
         return cls(jnp.asarray(X), jnp.asarray(y), jnp.asarray(mask))
 
     @classmethod
-    def from_long(cls, user_ids, X, y) -> UserData:
+    def from_long(cls, user_ids, X, y, *, return_ids: bool = False):
         """One row per sample, like a data frame: ``user_ids, X (N, d), y (N,)``.
 
         User ``i`` of the result is the ``i``-th smallest distinct id
         (``np.unique(user_ids)[i]``); each user's samples keep their order.
+        Ids may be integers or strings (e.g. ``"user_17"``).
+
+        Args:
+          return_ids: also return the ids, ``(data, ids)`` with ``ids (t,)``
+            the id of each row (``ids[i]`` is user ``i``; its inverse, id to
+            row, is ``{u: i for i, u in enumerate(ids)}``).
+
+        Raises:
+          ValueError: on mismatched shapes, no samples, ids that are neither
+            integers nor strings, non-finite values.
         """
         user_ids = np.asarray(user_ids)
         X = _as_real_array(np.asarray(X), "X")
         y = _as_real_array(np.asarray(y), "y")
-        if user_ids.ndim != 1 or not np.issubdtype(user_ids.dtype, np.integer):
+        kind = user_ids.dtype.kind
+        if user_ids.ndim != 1 or kind not in "iuUSO":
             raise ValueError(
-                f"user_ids must be a 1-d integer array; got {user_ids.dtype} "
-                f"with shape {user_ids.shape}"
+                f"user_ids must be a 1-d array of integers or strings; got "
+                f"{user_ids.dtype} with shape {user_ids.shape}"
             )
+        if kind == "O":  # Python objects: all str, or all int
+            if all(isinstance(u, str) for u in user_ids):
+                user_ids = user_ids.astype(str)
+            elif all(isinstance(u, int | np.integer) for u in user_ids):
+                user_ids = user_ids.astype(np.int64)
+            else:
+                raise ValueError(
+                    "user_ids must be all integers or all strings; got mixed "
+                    "Python objects"
+                )
         if X.ndim != 2 or X.shape[0] != len(user_ids) or y.shape != (len(user_ids),):
             raise ValueError(
                 f"X must be (N, d) and y (N,) with N = len(user_ids) = "
@@ -199,7 +220,8 @@ class UserData(NamedTuple):
         unique, index = np.unique(user_ids, return_inverse=True)
         order = np.argsort(index, kind="stable")
         splits = np.cumsum(np.bincount(index, minlength=len(unique)))[:-1]
-        return cls.from_ragged(np.split(X[order], splits), np.split(y[order], splits))
+        data = cls.from_ragged(np.split(X[order], splits), np.split(y[order], splits))
+        return (data, unique) if return_ids else data
 
     def to_long(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Inverse of :meth:`from_long`: ``(user_index (N,), X (N, d), y (N,))``."""

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lrs.data import UserData
+from lrs.standin import write_standin
 
 __all__ = [
     "RatingTasks",
@@ -33,6 +34,7 @@ __all__ = [
     "read_ratings",
     "sha256",
     "split_ratings",
+    "write_standin",
 ]
 
 RATING_FILES = ("u.data", "ratings.dat", "ratings.csv")
@@ -41,6 +43,9 @@ ITEM_FILES = {
     "ratings.dat": "movies.dat",
     "ratings.csv": "movies.csv",
 }
+# Largest rating magnitude accepted: squares and sums of many such ratings
+# stay far from float32 overflow (a rating of 1e300 is a corrupted file).
+MAX_RATING = 1e6
 ML100K_GENRES = (
     "unknown Action Adventure Animation Children's Comedy Crime Documentary Drama "
     "Fantasy Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western"
@@ -150,8 +155,10 @@ def read_ratings(path: str | os.PathLike) -> Ratings:
             rating, stamp = float(fields[2]), int(fields[3])
         except ValueError:
             raise _bad(path, lineno, expected + " (integers, a number)", line) from None
-        if not math.isfinite(rating):
-            raise _bad(path, lineno, "a finite rating", line)
+        if not math.isfinite(rating) or abs(rating) > MAX_RATING:
+            raise _bad(
+                path, lineno, f"a finite rating of magnitude <= {MAX_RATING:g}", line
+            )
         rows.append((user, item, rating, stamp))
     if not rows:
         raise ValueError(f"{path}: no ratings found")
@@ -326,6 +333,7 @@ def load_ratings(
     max_train: int | None = None,
     seed: int = 0,
     dtype=None,
+    validation_fraction: float | None = None,
 ) -> RatingTasks:
     """Reads a MovieLens rating file into per-user train / test regression tasks.
 
@@ -345,6 +353,13 @@ def load_ratings(
         2314 ratings); ``None`` keeps all.
       seed: for the random split and the factorization's start.
       dtype: float dtype of the tasks (default float32, float64 under x64).
+      validation_fraction: for model selection. ``None``: the tasks above.
+        A number in ``(0, 1)``: the test ratings are dropped unread into
+        anything, and each user's training ratings are split again, by the
+        same rule (``split``), into ``train`` and a validation set returned
+        as ``test``; the item biases and factors and the mean are fitted on
+        this inner ``train`` only, so the validation ratings leak into no
+        feature. The users (rows) are the same as without it.
 
     Returns:
       a :class:`RatingTasks`.
@@ -353,6 +368,9 @@ def load_ratings(
       ValueError: bad arguments, a missing file, a malformed line (file and
         line number), no user with ``min_ratings`` ratings.
     """
+    _check_load_arguments(split, test_fraction, genres, seed, dtype)
+    if validation_fraction is not None:
+        _check_fraction("validation_fraction", validation_fraction)
     if (
         isinstance(min_ratings, bool)
         or not isinstance(min_ratings, int)
@@ -382,6 +400,14 @@ def load_ratings(
     if max_train is not None:
         is_train = _latest(ratings, ~is_test, max_train)
     else:
+        is_train = ~is_test
+    if validation_fraction is not None:
+        # Only the training ratings exist from here on; the latest (or a
+        # random share) of each user's become the validation ("test") set.
+        ratings = Ratings(*(a[is_train] for a in ratings))
+        is_test = split_ratings(
+            ratings, by=split, test_fraction=validation_fraction, seed=seed + 1
+        )
         is_train = ~is_test
     mean = float(ratings.rating[is_train].mean())
     X, names = _features(
@@ -415,6 +441,35 @@ def load_ratings(
         ratings_path,
         counts,
     )
+
+
+def _check_fraction(name: str, value) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float | np.number)
+        or not 0 < value < 1
+    ):
+        raise ValueError(f"{name} must be a number in (0, 1); got {value!r}")
+
+
+def _check_load_arguments(split, test_fraction, genres, seed, dtype) -> None:
+    """ValueErrors naming the bad argument of :func:`load_ratings`."""
+    if split not in ("time", "random"):
+        raise ValueError(f"split must be 'time' or 'random'; got {split!r}")
+    _check_fraction("test_fraction", test_fraction)
+    if not isinstance(genres, bool):
+        raise ValueError(f"genres must be a bool; got {genres!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+    if dtype is not None:
+        try:
+            kind = np.dtype(dtype)
+        except TypeError:
+            raise ValueError(
+                f"dtype must be a float dtype or None; got {dtype!r}"
+            ) from None
+        if not np.issubdtype(kind, np.floating):
+            raise ValueError(f"dtype must be a float dtype or None; got {dtype!r}")
 
 
 def _cast(data: UserData, dtype) -> UserData:

@@ -14,6 +14,7 @@ candidate, each polished by subspace pursuit; the smallest residual wins.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -36,12 +37,25 @@ class UserFit(NamedTuple):
     sq_residual: jax.Array  # () ||y - A v - X_S b_S||^2
 
 
-def lstsq_on_support(A, X, y, support, ridge=0.0) -> UserFit:
-    """Least squares on the columns ``[A, X[:, support]]`` (``r + s`` unknowns)."""
+def lstsq_on_support(A, X, y, support, ridge=0.0, *, sparse_ridge=0.0) -> UserFit:
+    """Least squares on the columns ``[A, X[:, support]]`` (``r + s`` unknowns).
+
+    The penalty is ``ridge ||v||^2 + (ridge + sparse_ridge) ||b_S||^2``:
+    ``sparse_ridge`` shrinks the sparse values more than the low-rank part.
+    ``sq_residual`` is the squared residual of the data alone (no penalty).
+    """
     Z = jnp.concatenate([A, jnp.take(X, support, axis=1)], axis=1)
-    coef = spd_solve(Z.T @ Z, Z.T @ y, ridge)
+    r, s = A.shape[1], support.shape[-1]
+    penalty = ridge
+    if not (isinstance(sparse_ridge, float | int) and sparse_ridge == 0) and s:
+        penalty = jnp.concatenate(
+            [
+                jnp.full((r,), ridge, y.dtype),
+                jnp.full((s,), ridge + sparse_ridge, y.dtype),
+            ]
+        )
+    coef = spd_solve(Z.T @ Z, Z.T @ y, penalty)
     residual = y - Z @ coef
-    r = A.shape[1]
     return UserFit(coef[:r], support, coef[r:], residual @ residual)
 
 
@@ -49,36 +63,78 @@ def _residual(A, X, y, fit: UserFit) -> jax.Array:
     return y - A @ fit.v - jnp.take(X, fit.support, axis=1) @ fit.b
 
 
-def pursuit_step(A, X, y, fit: UserFit, ridge=0.0) -> tuple[UserFit, jax.Array]:
+def _allowed_scores(scores, allowed, fill=-1.0):
+    """``scores (..., d)`` with the features outside ``allowed`` set to ``fill``."""
+    if allowed is None:
+        return scores
+    return jnp.where(jnp.asarray(allowed), scores, jnp.asarray(fill, scores.dtype))
+
+
+def _candidates(k: int, d: int, allowed) -> int:
+    """New candidate columns per pursuit step: ``min(k, free features)``."""
+    free = d if allowed is None else int(sum(bool(a) for a in allowed))
+    return min(k, free - k)
+
+
+def pursuit_step(
+    A, X, y, fit: UserFit, ridge=0.0, *, sparse_ridge=0.0, allowed=None
+) -> tuple[UserFit, jax.Array]:
     """One subspace-pursuit step for one user.
 
     Returns ``(fit, moved)``: the candidate replaces ``fit`` only when its
     support differs as a set and its residual is smaller by a relative margin,
     so the residual never increases and ``moved`` is False at a fixed point.
+    ``allowed``: static ``(d,)`` bools, the features the support may use
+    (None: all).
     """
     k, d = fit.support.shape[0], X.shape[1]
+    n_new = _candidates(k, d, allowed)
+    if n_new <= 0:  # the support is every allowed feature already
+        return fit, jnp.asarray(False)
     proxy = jnp.abs(X.T @ _residual(A, X, y, fit)).at[fit.support].set(-1.0)
-    new = top_k_indices(proxy, min(k, d - k))
+    new = top_k_indices(_allowed_scores(proxy, allowed, -2.0), n_new)
     merged = jnp.concatenate([fit.support, new])
-    wide = lstsq_on_support(A, X, y, merged, ridge)
+    wide = lstsq_on_support(A, X, y, merged, ridge, sparse_ridge=sparse_ridge)
     keep, _ = hard_threshold(wide.b, k)
-    candidate = lstsq_on_support(A, X, y, merged[keep], ridge)
+    candidate = lstsq_on_support(
+        A, X, y, merged[keep], ridge, sparse_ridge=sparse_ridge
+    )
     margin = 1.0 - 100 * jnp.finfo(y.dtype).eps
     changed = jnp.any(jnp.sort(candidate.support) != jnp.sort(fit.support))
-    moved = changed & (candidate.sq_residual < margin * fit.sq_residual)
+    moved = changed & (
+        _objective(candidate, ridge, sparse_ridge)
+        < margin * _objective(fit, ridge, sparse_ridge)
+    )
     return jax.tree.map(lambda a, b: jnp.where(moved, a, b), candidate, fit), moved
 
 
-def pursue(A, X, y, support, steps: int, ridge=0.0) -> UserFit:
+def _objective(fit: UserFit, ridge, sparse_ridge) -> jax.Array:
+    """The penalized per-user loss (the squared residual without penalties)."""
+    if isinstance(ridge, float | int) and isinstance(sparse_ridge, float | int):
+        if ridge == 0 and sparse_ridge == 0:
+            return fit.sq_residual
+    return (
+        fit.sq_residual
+        + ridge * (fit.v @ fit.v)
+        + (ridge + sparse_ridge) * (fit.b @ fit.b)
+    )
+
+
+def pursue(
+    A, X, y, support, steps: int, ridge=0.0, *, sparse_ridge=0.0, allowed=None
+) -> UserFit:
     """Refits users on ``support (n, k)``, then up to ``steps`` pursuit steps.
 
     ``A (n, m, r)``, ``X (n, m, d)``, ``y (n, m)``. The loop over steps runs
     over the whole batch and stops early once no user's support moves.
+    ``sparse_ridge`` and ``allowed``: see :func:`pursuit_step`.
     """
-    fits = jax.vmap(lstsq_on_support, (0, 0, 0, 0, None))(A, X, y, support, ridge)
+    lstsq = functools.partial(lstsq_on_support, sparse_ridge=sparse_ridge)
+    fits = jax.vmap(lstsq, (0, 0, 0, 0, None))(A, X, y, support, ridge)
     if support.shape[-1] == 0 or (isinstance(steps, int) and steps == 0):
         return fits
-    step = jax.vmap(pursuit_step, (0, 0, 0, 0, None))
+    one = functools.partial(pursuit_step, sparse_ridge=sparse_ridge, allowed=allowed)
+    step = jax.vmap(one, (0, 0, 0, 0, None))
 
     def cond(carry):
         i, _, moved = carry
@@ -93,20 +149,26 @@ def pursue(A, X, y, support, steps: int, ridge=0.0) -> UserFit:
     return fits
 
 
-def cold_support(A, X, y, k: int, ridge=0.0) -> jax.Array:
-    """Initial support: the k largest correlations with the low-rank residual."""
+def cold_support(A, X, y, k: int, ridge=0.0, *, allowed=None) -> jax.Array:
+    """Initial support: the k largest correlations with the low-rank residual
+    (among the ``allowed`` features)."""
     base = lstsq_on_support(A, X, y, jnp.zeros((0,), jnp.int32), ridge)
-    support, _ = hard_threshold(X.T @ _residual(A, X, y, base), k)
-    return support
+    if k == 0:
+        return jnp.zeros((0,), jnp.int32)
+    scores = jnp.abs(X.T @ _residual(A, X, y, base))
+    return top_k_indices(_allowed_scores(scores, allowed), k)
 
 
-def l1_support(A, X, y, k: int, steps: int) -> jax.Array:
+def l1_support(A, X, y, k: int, steps: int, *, allowed=None) -> jax.Array:
     """Support of a Lasso path on the part of ``(X, y)`` orthogonal to ``A``.
 
     FISTA on ``0.5 ||P (y - X b)||^2 + lam ||b||_1`` with ``P`` the projector
     off ``span(A)`` and ``lam`` decreasing geometrically from ``||X^T P y||_inf``
     to ``1e-4`` of it (continuation); returns the top-k entries' indices.
+    With ``allowed``, ``b`` is zero outside the allowed features.
     """
+    if allowed is not None:
+        X = X * jnp.asarray(allowed, X.dtype)
     Q, _ = jnp.linalg.qr(A)
     Xp = X - Q @ (Q.T @ X)
     yp = y - Q @ (Q.T @ y)
@@ -125,11 +187,21 @@ def l1_support(A, X, y, k: int, steps: int) -> jax.Array:
 
     zero = jnp.zeros(X.shape[1], X.dtype)
     b, _, _ = jax.lax.fori_loop(0, steps, body, (zero, zero, jnp.ones((), X.dtype)))
-    support, _ = hard_threshold(b, k)
-    return support
+    return top_k_indices(_allowed_scores(jnp.abs(b), allowed), k)
 
 
-def rescue(X, y, U, fits: UserFit, *, steps: int, l1_steps: int, ridge=0.0) -> UserFit:
+def rescue(
+    X,
+    y,
+    U,
+    fits: UserFit,
+    *,
+    steps: int,
+    l1_steps: int,
+    ridge=0.0,
+    sparse_ridge=0.0,
+    allowed=None,
+) -> UserFit:
     """Stronger attempt for a batch of hard users: best of ``fits``, a cold
     start and an l1 start, each polished by ``steps`` pursuit steps.
 
@@ -139,13 +211,16 @@ def rescue(X, y, U, fits: UserFit, *, steps: int, l1_steps: int, ridge=0.0) -> U
     if k == 0:
         return fits
     A = X @ U
-    cold = jax.vmap(cold_support, (0, 0, 0, None, None))(A, X, y, k, ridge)
-    best = _keep_better(pursue(A, X, y, cold, steps, ridge), fits)
+    opts = dict(sparse_ridge=sparse_ridge, allowed=allowed)
+    cold_fn = functools.partial(cold_support, allowed=allowed)
+    cold = jax.vmap(cold_fn, (0, 0, 0, None, None))(A, X, y, k, ridge)
+    best = _keep_better(pursue(A, X, y, cold, steps, ridge, **opts), fits)
     if l1_steps > 0:
         # The l1 chain starts only once the cold one is done (see _after).
         A, X, y = _after((A, X, y), best)
-        l1 = jax.vmap(l1_support, (0, 0, 0, None, None))(A, X, y, k, l1_steps)
-        best = _keep_better(pursue(A, X, y, l1, steps, ridge), best)
+        l1_fn = functools.partial(l1_support, allowed=allowed)
+        l1 = jax.vmap(l1_fn, (0, 0, 0, None, None))(A, X, y, k, l1_steps)
+        best = _keep_better(pursue(A, X, y, l1, steps, ridge, **opts), best)
     return best
 
 
@@ -185,10 +260,24 @@ def _where_rows(pick, a, b):
     return jnp.where(pick.reshape(pick.shape + (1,) * (a.ndim - 1)), a, b)
 
 
-def solve_user(X, y, U, support, *, steps: int, ridge=0.0) -> UserFit:
+def solve_user(
+    X, y, U, support, *, steps: int, ridge=0.0, sparse_ridge=0.0, allowed=None
+) -> UserFit:
     """The per-user step for a single user (``X (m, d)`` already masked)."""
     batch = jax.tree.map(lambda a: a[None], (X @ U, X, y, support))
-    return jax.tree.map(lambda a: a[0], pursue(*batch, steps, ridge))
+    fits = pursue(*batch, steps, ridge, sparse_ridge=sparse_ridge, allowed=allowed)
+    return jax.tree.map(lambda a: a[0], fits)
+
+
+def sparse_options(config: AMHTConfig, d: int) -> dict:
+    """``config``'s keyword arguments of the per-user solvers for ``d`` features:
+    ``sparse_ridge`` and ``allowed`` (a static ``(d,)`` bool tuple, or None)."""
+    allowed = None
+    if config.sparse_features is not None:
+        config.check_features(d)
+        chosen = set(config.sparse_features)
+        allowed = tuple(j in chosen for j in range(d))
+    return dict(sparse_ridge=config.sparse_ridge, allowed=allowed)
 
 
 # ---------------------------------------------------- the step over all users
@@ -229,18 +318,23 @@ def per_user_step(
     if warm is None:
         warm = cold_supports(data, U, config)
 
+    opts = sparse_options(config, data.X.shape[2])
+
     def fn(args, fresh):
-        return pursue_masked(*args, U, steps, config.ridge), None
+        return pursue_masked(*args, U, steps, config.ridge, **opts), None
 
     chunk = chunk_size(data, config)
     fits, _ = map_user_chunks(fn, (data.X, data.y, data.mask, warm), chunk)
     return _rescue_worst(data, U, fits, config, chunk, axis)
 
 
-def pursue_masked(X, y, mask, support, U, steps, ridge=0.0) -> UserFit:
+def pursue_masked(
+    X, y, mask, support, U, steps, ridge=0.0, *, sparse_ridge=0.0, allowed=None
+) -> UserFit:
     """:func:`pursue` on padded data ``X (n, m, d)``, ``y, mask (n, m)``."""
     X, y = _masked(X, y, mask)
-    return pursue(X @ U, X, y, support, steps, ridge)
+    opts = dict(sparse_ridge=sparse_ridge, allowed=allowed)
+    return pursue(X @ U, X, y, support, steps, ridge, **opts)
 
 
 def rescue_masked(X, y, mask, U, current: UserFit, config: AMHTConfig) -> UserFit:
@@ -254,6 +348,7 @@ def rescue_masked(X, y, mask, U, current: UserFit, config: AMHTConfig) -> UserFi
         steps=config.inner_steps + 2,
         l1_steps=config.l1_steps,
         ridge=config.ridge,
+        **sparse_options(config, X.shape[2]),
     )
 
 
@@ -272,9 +367,13 @@ def rescue_floor(score) -> jax.Array:
 def cold_supports(data: UserData, U, config: AMHTConfig) -> jax.Array:
     """``(t, k)`` starting supports: top-k correlations with the low-rank residual."""
 
+    allowed = sparse_options(config, data.X.shape[2])["allowed"]
+    cold = jax.vmap(
+        functools.partial(cold_support, allowed=allowed), (0, 0, 0, None, None)
+    )
+
     def fn(args, fresh):
         X, y = _masked(*args)
-        cold = jax.vmap(cold_support, (0, 0, 0, None, None))
         return cold(X @ U, X, y, config.sparsity, config.ridge), None
 
     return map_user_chunks(fn, (data.X, data.y, data.mask), chunk_size(data, config))[0]

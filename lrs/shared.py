@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lrs.chunking import map_user_chunks
-from lrs.linalg import jitter, orthonormalize, spd_solve
+from lrs.linalg import orthonormalize, spd_solve
 from lrs.sharding import psum
 
 
@@ -184,7 +184,7 @@ def solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol, while_loop=jax.lax.while
     scale = jnp.vdot(U, AU) / jnp.vdot(U, U @ M)
     scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1)
     M = scale * M + ridge * eye
-    M_inv = jnp.linalg.inv(M + jitter(M.dtype) * (jnp.trace(M) / r) * eye)
+    M_inv = _pseudo_inverse(M)
 
     def regularized(D):
         return apply(D) + ridge * D
@@ -200,6 +200,23 @@ def solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol, while_loop=jax.lax.while
         applied_x0=AU + ridge * U,
     )
     return U_ls, SharedStats(iters, rel)
+
+
+def _pseudo_inverse(M) -> jax.Array:
+    """Inverse of the symmetric PSD ``M (r, r)`` on the eigenvalues above
+    ``sqrt(eps)`` times the largest, zero on the others.
+
+    With fewer users than the rank (or users whose ``v_i`` span fewer than r
+    directions) ``M`` is singular: a jittered inverse then multiplied rounding
+    errors in its null space by ``1 / jitter`` (1e6 in float32) and CG moved U
+    at random along directions the data do not see. The pseudo-inverse keeps
+    the preconditioned residual in the range, where the operator acts.
+    """
+    M = 0.5 * (M + M.T)
+    w, Q = jnp.linalg.eigh(M)
+    keep = w > jnp.sqrt(jnp.finfo(M.dtype).eps) * jnp.max(w)
+    inv = jnp.where(keep, 1 / jnp.where(keep, w, 1), 0)
+    return (Q * inv) @ Q.T
 
 
 def moment_matrix(data, chunk_size, axis=None) -> jax.Array:

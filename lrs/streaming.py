@@ -61,7 +61,8 @@ def _pursue_chunk(X, y, mask, support, U, scale, half, steps, config):
     data = _scaled(X, y, mask, scale, half, config)
     if support is None:
         support = peruser.cold_supports(data, U, config)
-    fits = peruser.pursue_masked(*data, support, U, steps, config.ridge)
+    opts = peruser.sparse_options(config, X.shape[2])
+    fits = peruser.pursue_masked(*data, support, U, steps, config.ridge, **opts)
     y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2, axis=1)
     return fits, y_sq, jnp.sum(data.mask, axis=1)
 
@@ -81,15 +82,15 @@ def _rescue_chunk(X, y, mask, U, best, scale, half, config, start):
     """
     X, y = peruser._masked(*_scaled(X, y, mask, scale, half, config))
     A, k, ridge = X @ U, config.sparsity, config.ridge
+    opts = peruser.sparse_options(config, X.shape[2])
+    allowed = opts["allowed"]
     if start == "cold":
-        support = jax.vmap(peruser.cold_support, (0, 0, 0, None, None))(
-            A, X, y, k, ridge
-        )
+        cold = functools.partial(peruser.cold_support, allowed=allowed)
+        support = jax.vmap(cold, (0, 0, 0, None, None))(A, X, y, k, ridge)
     else:
-        support = jax.vmap(peruser.l1_support, (0, 0, 0, None, None))(
-            A, X, y, k, config.l1_steps
-        )
-    fit = peruser.pursue(A, X, y, support, config.inner_steps + 2, ridge)
+        l1 = functools.partial(peruser.l1_support, allowed=allowed)
+        support = jax.vmap(l1, (0, 0, 0, None, None))(A, X, y, k, config.l1_steps)
+    fit = peruser.pursue(A, X, y, support, config.inner_steps + 2, ridge, **opts)
     better = fit.sq_residual < best.sq_residual
     return jax.tree.map(lambda a, b: peruser._where_rows(better, a, b), fit, best)
 
@@ -219,8 +220,11 @@ def fit(
       chunk_users: users copied to the device at a time (``>= 1``; ``>= t``
         means one chunk). Device memory is about ``chunk_users * m * d``
         floats times a small factor plus ``O(d r)``; see docs/scale.md.
-      key, U0, callback, truth: as in :func:`lrs.fit` (``callback`` runs on the
-        host between iterations; an exception it raises stops the fit).
+      key: as in :func:`lrs.fit`.
+      U0: as in :func:`lrs.fit`.
+      callback: as in :func:`lrs.fit`; it runs on the host between iterations,
+        and an exception it raises stops the fit.
+      truth: as in :func:`lrs.fit`.
 
     Returns:
       ``(params, diagnostics)`` as :func:`lrs.fit`, equal to it up to rounding;
@@ -237,18 +241,34 @@ def fit(
     U = _initial_U(stream, config, key, U0, scale)
     state = _HostState(stream.t, config.rank, config.sparsity, stream.dtype)
     tol, cg_tol = config.tolerances(stream.dtype)
-    rows, i, change = [], 0, np.inf
-    while i == 0 or (i <= config.num_iters and change >= tol and state.finite()):
+    rows, i, code, best, since = [], 0, 0, np.inf, 0
+    while code == 0:
         U_old, cg_iters = U, 0
         if i > 0:
             U, cg_iters = _shared_step(stream, state, U, scale, config, cg_tol)
         steps = config.inner_steps + (3 if i == 0 else 0)
         _per_user_step(stream, state, U, scale, config, steps, cold=i == 0)
         info = _info(stream, state, U, U_old, i, cg_iters, scale, truth)
+        change = np.inf if i == 0 else info.u_change
+        state.u_change = change
+        since = 0 if change < best else since + 1
+        best = min(best, change)
+        code = int(
+            amht.stop_code(
+                i,
+                config.num_iters,
+                change,
+                best,
+                since,
+                info.loss,
+                tol,
+                config.stall_iters,
+            )
+        )
+        info = info._replace(stop_code=code)
         rows.append(info)
         if callback is not None:
             callback(i, info)
-        change = np.inf if i == 0 else info.u_change
         state.half += 2
         i += 1
     diagnostics = amht.AMHTInfo(*(np.asarray(f) for f in zip(*rows)))
@@ -268,6 +288,7 @@ class _HostState:
         self.y_sq = np.zeros((t,), dtype)
         self.counts = np.zeros((t,), np.int64)
         self.half = 0  # half-step counter of fresh_samples batches
+        self.u_change = np.inf  # of the last shared step
 
     def fits(self):
         return (self.V, self.indices, self.values, self.sq_residual)
@@ -361,7 +382,8 @@ def _shared_step(stream, state: _HostState, U, scale, config, cg_tol):
     score = state.score()
     median = np.median(score)
     inlier = score <= 100 * median + np.finfo(score.dtype).eps
-    tol = jnp.maximum(cg_tol, 0.1 * jnp.sqrt(jnp.asarray(median)))
+    change = jnp.asarray(state.u_change, score.dtype)
+    tol = amht.shared_tolerance(cg_tol, jnp.asarray(median), change)
     half = state.half
     user_arrays = (inlier, state.V, state.indices, state.values)
 
@@ -462,6 +484,7 @@ def _check_host_data(data, config: AMHTConfig) -> None:
         raise ValueError(f"rank must be < d = {d}; got {config.rank}")
     if not config.sparsity < d:
         raise ValueError(f"sparsity must be < d = {d}; got {config.sparsity}")
+    config.check_features(d)
     need = (config.rank + config.sparsity) * max(config.fresh_samples, 1)
     short = np.flatnonzero(np.asarray(mask).sum(axis=1) < need)
     if short.size:

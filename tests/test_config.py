@@ -56,6 +56,16 @@ BAD_VALUES = [
     ("init_eigensolver", "lanczos"),
     ("init_iters", 0),
     ("init_iters", 3.0),
+    ("sparse_ridge", -1.0),
+    ("sparse_ridge", NAN),
+    ("sparse_ridge", "1"),
+    ("sparse_features", ()),
+    ("sparse_features", [0, 1]),
+    ("sparse_features", (0, -1)),
+    ("sparse_features", (0, 0)),
+    ("sparse_features", (0.0, 1)),
+    ("stall_iters", -1),
+    ("stall_iters", 2.0),
 ]
 
 
@@ -176,3 +186,18 @@ def test_a_starting_U_works_through_fit(tiny_problem, kind):
     assert diag.subspace_distance[0] == pytest.approx(start, rel=1e-9)
     assert float(lrs.metrics.relative_error(params, truth)) < 1e-8
     assert config.init == "moments"  # the caller's config is left as it was
+
+
+def test_sparse_options_are_hashable_and_checked_against_d():
+    a = lrs.AMHTConfig(rank=2, sparsity=2, sparse_features=(5, 1, 3))
+    b = lrs.AMHTConfig(rank=2, sparsity=2, sparse_features=(1, np.int64(3), 5))
+    assert a.sparse_features == (1, 3, 5) and a == b and hash(a) == hash(b)
+    assert all(type(j) is int for j in b.sparse_features)
+    with pytest.raises(ValueError, match="sparsity must be <= len"):
+        lrs.AMHTConfig(rank=2, sparsity=4, sparse_features=(1, 3, 5))
+    a.check_features(6)
+    with pytest.raises(ValueError, match="sparse_features must be indices below d"):
+        a.check_features(5)
+    config = lrs.AMHTConfig(rank=2, sparsity=1)
+    assert config.sparse_ridge == 0.0 and config.sparse_features is None
+    assert config.stall_iters == 10

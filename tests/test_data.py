@@ -327,3 +327,19 @@ def test_from_long_non_finite_is_refused():
     y[0] = np.inf
     with pytest.raises(ValueError, match="NaN or inf"):
         UserData.from_long(np.array([4, 1, 1]), np.ones((3, 2)), y)
+
+
+def test_from_long_accepts_string_ids_and_returns_the_row_of_each_id():
+    ids = np.array(["bob", "alice", "bob", "carol", "alice"])
+    X = np.arange(10.0).reshape(5, 2)
+    y = np.arange(5.0)
+    data, rows = UserData.from_long(ids, X, y, return_ids=True)
+    assert list(rows) == ["alice", "bob", "carol"]
+    np.testing.assert_array_equal(data.counts, [2, 2, 1])
+    np.testing.assert_array_equal(np.asarray(data.y)[1, :2], [0.0, 2.0])  # bob
+    as_objects = UserData.from_long(list(ids), X, y, return_ids=True)
+    np.testing.assert_array_equal(as_objects[1], rows)
+    numeric, ids_out = UserData.from_long([7, 3, 7], X[:3], y[:3], return_ids=True)
+    assert list(ids_out) == [3, 7] and numeric.num_users == 2
+    with pytest.raises(ValueError, match="all integers or all strings"):
+        UserData.from_long(np.array(["a", 1], dtype=object), X[:2], y[:2])

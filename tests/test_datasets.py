@@ -189,17 +189,62 @@ def test_item_factors_fit_low_rank_ratings():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(split="user"), "by"),
+        (dict(split="user"), "split"),
         (dict(test_fraction=1.0), "test_fraction"),
         (dict(min_ratings=1), "min_ratings"),
         (dict(embedding_dim=-1), "embedding_dim"),
         (dict(max_train=0), "max_train"),
+        (dict(test_fraction="0.2"), "test_fraction"),
+        (dict(embedding_dim="8"), "embedding_dim"),
+        (dict(min_ratings=2.0), "min_ratings"),
+        (dict(seed="0"), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(genres="yes"), "genres"),
+        (dict(dtype=np.int32), "dtype"),
+        (dict(dtype="int64"), "dtype"),
+        (dict(dtype="not a dtype"), "dtype"),
+        (dict(split=None), "split"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, name):
     _write(tmp_path, "1m", _ratings())
     with pytest.raises(ValueError, match=name):
         datasets.load_ratings(tmp_path, **kwargs)
+
+
+def test_validation_fraction_splits_the_training_ratings_only(tmp_path):
+    """For model selection: the test ratings are never used, the latest of the
+    training ratings are the validation set, the features see neither."""
+    path = _write(tmp_path, "100k", _ratings(per_user=10))
+    tasks = datasets.load_ratings(
+        tmp_path, embedding_dim=2, test_fraction=0.2, validation_fraction=0.25
+    )
+    parsed = datasets.read_ratings(path)
+    held_out = datasets.split_ratings(parsed, test_fraction=0.2)
+    training = datasets.Ratings(*(a[~held_out] for a in parsed))
+    valid = datasets.split_ratings(training, test_fraction=0.25)
+    np.testing.assert_array_equal(tasks.user_ids, np.arange(1, 13))
+    np.testing.assert_array_equal(tasks.train.counts, 6)  # 10 -> 8 -> 6 + 2
+    np.testing.assert_array_equal(tasks.test.counts, 2)
+    assert tasks.mean == pytest.approx(training.rating[~valid].mean())
+    test_y = np.asarray(tasks.test.y)[np.asarray(tasks.test.mask)] + tasks.mean
+    np.testing.assert_allclose(
+        np.sort(test_y), np.sort(training.rating[valid]), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="validation_fraction"):
+        datasets.load_ratings(tmp_path, validation_fraction=1.5)
+
+
+def test_a_huge_rating_names_the_file_and_line(tmp_path):
+    rows = _ratings()
+    _write(tmp_path, "100k", rows)
+    path = tmp_path / "u.data"
+    lines = path.read_text().splitlines()
+    user, item, _, stamp = lines[4].split("\t")
+    lines[4] = "\t".join([user, item, "1e300", stamp])
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"u\.data, line 5: expected a finite rating"):
+        datasets.load_ratings(tmp_path)
 
 
 def test_missing_or_unknown_files(tmp_path):
@@ -217,3 +262,62 @@ def test_max_train_keeps_the_latest_and_min_ratings_drops_users(tmp_path):
     assert tasks.feature_names == ("offset",)
     np.testing.assert_array_equal(tasks.train.counts, 3)
     assert tasks.counts["users"] == 13 and tasks.counts["users_kept"] == 12
+
+
+# ------------------------------------------------------------------- stand-in
+
+
+def test_standin_has_heavy_tails_biases_drift_and_loads(tmp_path):
+    folder = datasets.write_standin(
+        tmp_path / "s", users=200, items=1000, ratings=16_000, seed=1
+    )
+    ratings = datasets.read_ratings(tmp_path / "s" / "u.data")
+    assert abs(len(ratings.user) - 16_000) <= 200
+    counts = np.bincount(ratings.user)[1:]
+    assert counts.min() >= 20 and counts.max() > 4 * np.median(counts)  # heavy tail
+    popularity = np.sort(np.bincount(ratings.item)[1:])[::-1]
+    assert popularity[:30].sum() > 0.2 * len(ratings.user)  # popular head
+    assert set(np.unique(ratings.rating)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    assert len(np.unique(ratings.rating)) == 5
+    assert np.all(np.diff(ratings.timestamp[ratings.user == 1]) >= 0)
+    tasks = datasets.load_ratings(folder, embedding_dim=2)
+    assert tasks.train.num_users == 200
+    assert sum(n.startswith("genre:") for n in tasks.feature_names) == 19
+    again = tmp_path / "again"
+    datasets.write_standin(again, users=200, items=1000, ratings=16_000, seed=1)
+    assert datasets.sha256(again / "u.data") == tasks.sha256  # reproducible
+
+
+def test_standin_structure_knob_and_ml1m_format(tmp_path):
+    """With no planted taste, the per-user genre effect is gone: the spread of
+    users' mean ratings on their most-rated genre shrinks."""
+    spread = {}
+    for name, kw in (("planted", dict(sparse=1.5)), ("none", dict(sparse=0.0))):
+        datasets.write_standin(
+            tmp_path / name, users=150, items=200, ratings=12_000, low_rank=0.0,
+            drift=0.0, max_genres=8, file_format="1m", seed=2, **kw,
+        )  # fmt: skip
+        tasks = datasets.load_ratings(tmp_path / name, embedding_dim=0, split="random")
+        user, X, y = tasks.train.to_long()
+        drama = X[:, tasks.feature_names.index("genre:Drama")] > 0
+        gap = [y[(user == u) & drama].mean() - y[(user == u) & ~drama].mean()
+               for u in range(150)]  # fmt: skip
+        spread[name] = np.nanstd(gap)
+    assert os.path.isfile(tmp_path / "none" / "movies.dat")
+    assert spread["planted"] > 1.5 * spread["none"]
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(users=0), "users"),
+        (dict(ratings=100), "ratings"),
+        (dict(sparse=-1.0), "sparse"),
+        (dict(noise="a"), "noise"),
+        (dict(file_format="csv"), "file_format"),
+        (dict(users=2.5), "users"),
+    ],
+)
+def test_standin_bad_arguments_are_named(tmp_path, kw, name):
+    with pytest.raises(ValueError, match=name):
+        datasets.write_standin(tmp_path, **{"users": 10, "items": 60, **kw})

@@ -56,6 +56,50 @@ def test_lstsq_on_support_matches_numpy(support, ridge):
     )
 
 
+def test_sparse_ridge_shrinks_only_the_sparse_values():
+    X, U, y = _user(2)
+    A = X @ U
+    support = np.array([7, 2], np.int32)
+    fit = peruser.lstsq_on_support(A, X, y, jnp.asarray(support), 0.5, sparse_ridge=3.0)
+    Z = np.concatenate([A, X[:, support]], axis=1)
+    penalty = np.diag([0.5, 0.5, 3.5, 3.5])
+    coef = np.linalg.solve(Z.T @ Z + penalty, Z.T @ y)
+    np.testing.assert_allclose(np.asarray(fit.v), coef[:2], rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(fit.b), coef[2:], rtol=1e-9)
+    assert float(fit.sq_residual) == pytest.approx(
+        _recomputed_sq_residual(A, X, y, fit), rel=1e-9
+    )
+
+
+def test_supports_stay_in_the_allowed_features():
+    """Cold start, pursuit, l1 candidate and the rescue only use the allowed
+    features, even when the signal lies elsewhere."""
+    rng = np.random.default_rng(3)
+    n, m, d, r = 6, 20, 9, 2
+    X = rng.standard_normal((n, m, d))
+    U = np.linalg.qr(rng.standard_normal((d, r)))[0]
+    y = 0.5 * X[:, :, 0] + 2 * X[:, :, 1] - 2 * X[:, :, 6]
+    y = y + 0.1 * rng.standard_normal((n, m))
+    allowed = tuple(j in (1, 4, 6, 8) for j in range(d))
+    A = X @ U
+    cold = jax.vmap(lambda A, X, y: peruser.cold_support(A, X, y, 2, allowed=allowed))
+    support = np.asarray(cold(A, X, y))
+    assert set(support.ravel()) <= {1, 4, 6, 8}
+    fits = peruser.pursue(A, X, y, jnp.asarray(support), 4, allowed=allowed)
+    assert set(np.asarray(fits.support).ravel()) == {1, 6}  # the allowed signal
+    l1 = jax.vmap(lambda A, X, y: peruser.l1_support(A, X, y, 2, 30, allowed=allowed))
+    assert set(np.asarray(l1(A, X, y)).ravel()) <= {1, 4, 6, 8}
+    best = peruser.rescue(
+        X, y, U, fits, steps=2, l1_steps=20, allowed=allowed, sparse_ridge=1.0
+    )
+    assert set(np.asarray(best.support).ravel()) <= {1, 4, 6, 8}
+    # as many allowed features as k: the support is all of them, no pursuit
+    two = tuple(j in (4, 8) for j in range(d))
+    start = jnp.tile(jnp.asarray([4, 8], jnp.int32), (n, 1))
+    fits = peruser.pursue(A, X, y, start, 3, allowed=two)
+    assert set(np.asarray(fits.support).ravel()) == {4, 8}
+
+
 def test_lstsq_on_support_float32():
     X, U, y = _user(1, dtype=np.float32)
     A = X @ U

@@ -41,6 +41,8 @@ def _assert_same_fit(streamed, in_memory):
     np.testing.assert_array_equal(d2.cg_iters, d1.cg_iters)
     np.testing.assert_allclose(d2.relative_error, d1.relative_error, atol=1e-10)
     np.testing.assert_allclose(d2.loss, d1.loss, rtol=1e-9)
+    np.testing.assert_array_equal(d2.stop_code, d1.stop_code)
+    assert d2.stop_reason == d1.stop_reason == "max_iterations"
 
 
 def test_streamed_from_a_memory_mapped_file_equals_the_in_memory_fit(
@@ -162,3 +164,23 @@ def test_check_data_reads_a_memory_mapped_X_a_block_of_users_at_a_time(
     out = validation.check_data(host, CONFIG)
     assert np.shares_memory(out.X, X)  # checked in place, not copied
     assert len(blocks) == 7 + 1  # X in 7 blocks, y (20 x 12) in one
+
+
+def test_streamed_fit_reports_the_same_stop_reason_and_honours_sparse_options(problem):
+    """Converged, stalled or out of iterations: the same rule as lrs.fit; the
+    sparse options (shrinkage, feature subset) reach the streamed solver."""
+    data, _ = problem
+    config = lrs.AMHTConfig(
+        rank=2,
+        sparsity=1,
+        num_iters=4,
+        rescue_fraction=0.2,
+        sparse_ridge=0.5,
+        sparse_features=(0, 3, 5, 7),
+    )
+    p1, d1 = lrs.fit(data, config)
+    p2, d2 = lrs.fit_streamed(_host(data), config, chunk_users=6)
+    np.testing.assert_allclose(lrs.weights(p2), lrs.weights(p1), atol=1e-9)
+    np.testing.assert_array_equal(d2.stop_code, d1.stop_code)
+    assert d2.stop_reason == d1.stop_reason
+    assert set(np.unique(p2.B.indices)) <= {0, 3, 5, 7}

@@ -161,8 +161,7 @@ def calibrate(plan: Plan, epsilon: float, delta: float, accountant: str) -> floa
             z = search("pld", max(low, Z_MIN), z * (1 + 1e-3))
     except (ValueError, OverflowError) as error:  # scipy's brentq, dp_accounting
         raise ValueError(
-            f"cannot calibrate the noise to epsilon={epsilon}, delta={delta}: "
-            f"{error}"
+            f"cannot calibrate the noise to epsilon={epsilon}, delta={delta}: {error}"
         ) from error
     # Brent's answer may sit a hair below the target; step up until it is met.
     while epsilon_spent(plan, z, delta, accountant) > epsilon:

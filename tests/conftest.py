@@ -11,6 +11,13 @@ os.environ["LRS_NO_COMPILATION_CACHE"] = "1"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# The same examples on every run: a property test that fails, fails every
+# time (HYPOTHESIS_PROFILE=explore draws new examples).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 jax.config.update("jax_enable_x64", True)
 

@@ -31,7 +31,15 @@ def vector_and_k(draw):
             # small integers make ties (equal magnitudes, +-x) common
             elements=st.one_of(
                 st.integers(-3, 3).map(float),
-                st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False),
+                # No subnormals: XLA on CPU flushes them to zero, so their
+                # order among zeros is not defined (hypothesis found 2e-309).
+                st.floats(
+                    -1e6,
+                    1e6,
+                    allow_nan=False,
+                    allow_infinity=False,
+                    allow_subnormal=False,
+                ),  # fmt: skip
             ),
         )
     )

@@ -25,6 +25,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Two more JAX processes next to the suite's two workers: about 80 s on 2
+# cores, so a slow re-check (the sharded fits are checked on one process's
+# virtual devices by the default suite).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("multiprocess")

@@ -147,15 +147,15 @@ def test_the_noise_has_the_calibrated_scale():
     model, (x, y) = _model(), _data()
     quiet = _release(model, x, y, z=0.0)
     noise = []
-    for seed in range(20):
+    for seed in range(6):  # each release compiles its step: few of them
         loud = _release(model, x, y, z=3.0, noise_key=seed)
         noise += [
             np.ravel(p - q) * N  # the sum's noise
             for p, q in zip(jax.tree.leaves(loud), jax.tree.leaves(quiet), strict=True)
         ]
     noise = np.concatenate(noise)
-    assert noise.size == 20 * 2 * D_IN * D_OUT
-    assert abs(noise.std() / (2 * 3.0 * 1.0) - 1) < 0.1  # standard error 0.026
+    assert noise.size == 6 * 2 * D_IN * D_OUT
+    assert abs(noise.std() / (2 * 3.0 * 1.0) - 1) < 0.15  # 3 standard errors
 
 
 def test_users_rows_stay_local_and_training_learns_without_noise():

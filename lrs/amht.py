@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from lrs import metrics, peruser, sharding
+from lrs import loop, metrics, peruser, sharding
 from lrs.config import AMHTConfig
 from lrs.data import UserData
-from lrs.errors import FitError
+from lrs.errors import FitError, raise_if_nonfinite
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows, weights
 from lrs.peruser import chunk_size, cold_supports, per_user_step, relative_residual
@@ -46,8 +46,8 @@ class AMHTState(NamedTuple):
     u_change: jax.Array = float("inf")
 
 
-# Why a fit stopped: AMHTInfo.stop_code indexes this tuple.
-STOP_REASONS = ("running", "converged", "max_iterations", "stalled", "nonfinite")
+STOP_REASONS = loop.STOP_REASONS  # AMHTInfo.stop_code indexes it
+stop_code = loop.stop_code
 
 
 class AMHTInfo(NamedTuple):
@@ -136,10 +136,8 @@ def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
 def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig, axis=None):
     """The shared step of :func:`step`: ``(U_new, cg_iters)``."""
     _, cg_tol = config.tolerances(data.X.dtype)
-    # Users whose fit is an outlier (relative residual above 100x the median,
-    # typically a wrong support) sit out the shared step rather than bias U.
     median = jnp.median(all_users(state.score, axis))
-    inlier = state.score <= 100 * median + jnp.finfo(data.X.dtype).eps
+    inlier = inlier_users(state.score, median)
     shared_mask = _batch_mask(data, config, state.half_step) & inlier[:, None]
     U, _, stats = update_U(
         data._replace(mask=shared_mask),
@@ -157,6 +155,15 @@ def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig, axis=No
     return U, stats.cg_iters
 
 
+def inlier_users(score, median_score):
+    """``(t,)`` bool: the users whose fit takes part in the shared step.
+
+    A user whose relative residual exceeds 100x the median (typically a
+    wrong support) sits out rather than bias U.
+    """
+    return score <= 100 * median_score + jnp.finfo(score.dtype).eps
+
+
 def shared_tolerance(cg_tol, median_score, u_change):
     """CG tolerance of a shared step: ``max(cg_tol, min(0.1 sqrt(median score),
     0.1 u_change))``.
@@ -168,18 +175,6 @@ def shared_tolerance(cg_tol, median_score, u_change):
     """
     loose = jnp.minimum(0.1 * jnp.sqrt(median_score), 0.1 * u_change)
     return jnp.maximum(cg_tol, loose)
-
-
-def stop_code(i, num_iters: int, change, best, since_best, loss, tol, stall: int):
-    """Why the loop stops after iteration ``i`` (index into STOP_REASONS; 0: it
-    goes on). ``best``: smallest U change so far, ``since_best``: iterations
-    since it was reached. Works on jax and numpy scalars alike."""
-    code = jnp.where(i >= num_iters, 2, 0)
-    if stall > 0:
-        code = jnp.where((i > 0) & (since_best >= stall), 3, code)
-    code = jnp.where((i > 0) & (change < tol), 1, code)
-    code = jnp.where(jnp.isfinite(loss), code, 4)
-    return code.astype(jnp.int32)
 
 
 def _iterate(state: AMHTState, data: UserData, config: AMHTConfig, first, axis=None):
@@ -281,50 +276,25 @@ def _fit_program(data, config: AMHTConfig, key, U0, truth, report: bool, axis=No
         jnp.zeros((), jnp.int32),
         jnp.full((), jnp.inf, U.dtype),
     )
-    info = AMHTInfo(
-        *(jnp.zeros((), U.dtype),) * 2,
-        jnp.zeros((), jnp.int32),
-        *(jnp.zeros((), U.dtype),) * 2,
-        jnp.zeros((), jnp.int32),
-    )
-    # Entry i holds iteration i; fit() drops the entries after the last one.
-    history = jax.tree.map(lambda a: jnp.zeros((config.num_iters + 1,), a.dtype), info)
+    zero, nan = jnp.zeros((), jnp.int32), jnp.zeros((), U.dtype)
+    info = AMHTInfo(nan, nan, zero, nan, nan, zero)
 
-    def cond(carry):
-        return carry[-1] == 0
-
-    def body(carry):
-        i, state, history, best, since, _ = carry
+    def step(i, state):
         state, info = _iterate(state, data, config, i == 0, axis)
-        change = jnp.where(i == 0, jnp.inf, info.u_change)
-        since = jnp.where(change < best, 0, since + 1)
-        best = jnp.minimum(best, change)
-        code = stop_code(
-            i,
-            config.num_iters,
-            change,
-            best,
-            since,
-            state.loss,
-            tol,
-            config.stall_iters,
-        )
         info = _with_truth(info, state, truth, d, axis)
-        # in the user's units
-        info = info._replace(loss=info.loss * scale**2, stop_code=code)
-        if report and axis is None:
+        return state, info._replace(loss=info.loss * scale**2)  # user's units
+
+    def report_step(i, info):
+        if axis is None:
             jax.debug.callback(_report, i, info, ordered=True)
-        elif report:
+        else:
             device = jax.lax.axis_index(axis.name)
             jax.debug.callback(_report_from, device, i, info)
-        history = jax.tree.map(lambda h, a: h.at[i].set(a), history, info)
-        return i + 1, state, history, best, since, code
 
-    inf = jnp.asarray(jnp.inf, U.dtype)
-    zero = jnp.zeros((), jnp.int32)
-    carry = (zero, state, history, inf, zero, zero)
-    done, state, history, *_ = jax.lax.while_loop(cond, body, carry)
-    return _scale_values(_params(state, d), scale), history, done - 1
+    rule = loop.StopRule(config.num_iters, tol, config.stall_iters)
+    report_fn = report_step if report else None
+    state, history, last = loop.iterate(step, state, info, rule, report=report_fn)
+    return _scale_values(_params(state, d), scale), history, last
 
 
 _fit = jax.jit(_fit_program, static_argnames=("config", "report", "axis"))
@@ -359,8 +329,19 @@ def _label_scale(data: UserData, axis=None) -> jax.Array:
     """Root mean square of the real labels (1 when they are all zero)."""
     y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2)
     y_sq, count = psum((y_sq, jnp.sum(data.mask)), axis)
+    return label_scale(y_sq, count, data.y.dtype)
+
+
+def label_scale(y_sq, count, dtype) -> jax.Array:
+    """The fits' unit of labels: ``sqrt(y_sq / count)`` from the sum of the
+    squared real labels and their count, 1 when that is 0.
+
+    Every fit works with ``y`` divided by it: the model is linear in
+    ``(V, B)``, every tolerance is relative, and float32 norms of
+    ``y^2``-sized statistics then neither overflow nor underflow.
+    """
     rms = jnp.sqrt(y_sq / jnp.maximum(count, 1))
-    return jnp.where(rms > 0, rms, 1).astype(data.y.dtype)
+    return jnp.where(rms > 0, rms, 1).astype(dtype)
 
 
 def _scale_values(params: LRSParams, factor) -> LRSParams:
@@ -438,7 +419,7 @@ def fit(
         raise error
     n = int(done) + 1
     diagnostics = jax.tree.map(lambda h: np.asarray(h)[:n], history)
-    _raise_if_nonfinite(params, diagnostics)
+    raise_if_nonfinite(params, diagnostics.loss)
     return params, diagnostics
 
 
@@ -458,16 +439,6 @@ def _sharded_runner(data: UserData, mesh):
         return LRSParams(params.U, params.V[:t], B), history, done
 
     return run
-
-
-def _raise_if_nonfinite(params: LRSParams, diagnostics: AMHTInfo) -> None:
-    bad = np.flatnonzero(~np.isfinite(diagnostics.loss))
-    if bad.size:
-        raise FitError(f"the fit became non-finite at iteration {bad[0]}")
-    if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(params)):
-        raise FitError(
-            f"the fit became non-finite at iteration {len(diagnostics.loss) - 1}"
-        )
 
 
 def personalize(U, data_new: UserData, config: AMHTConfig):

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lrs.chunking import map_user_chunks
 from lrs.config import AMHTConfig
@@ -364,6 +365,20 @@ def rescue_floor(score) -> jax.Array:
     return 10 * jnp.median(score) + 1e3 * jnp.finfo(score.dtype).eps
 
 
+def rescue_selection(score, n: int) -> tuple[jax.Array, jax.Array]:
+    """Which users the rescue tries: ``(worst (n,), run)``.
+
+    ``worst``: the ``n`` users with the largest relative residual ``score
+    (t,)`` (all users, all devices), largest first; ``run``: whether the
+    rescue runs at all (the largest score stands out above
+    :func:`rescue_floor`). The one rule of the in-memory, sharded and
+    streamed fits.
+    """
+    score = jnp.asarray(score)
+    _, worst = jax.lax.top_k(score, n)
+    return worst, jnp.max(score) > rescue_floor(score)
+
+
 def cold_supports(data: UserData, U, config: AMHTConfig) -> jax.Array:
     """``(t, k)`` starting supports: top-k correlations with the low-rank residual."""
 
@@ -382,7 +397,16 @@ def cold_supports(data: UserData, U, config: AMHTConfig) -> jax.Array:
 def relative_residual(data: UserData, sq_residual) -> jax.Array:
     """``(t,)`` scores ``||res_i||^2 / ||y_i||^2`` over each user's samples."""
     y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2, axis=1)
-    return sq_residual / (y_sq + jnp.finfo(y_sq.dtype).tiny)
+    return score_from_sums(sq_residual, y_sq)
+
+
+def score_from_sums(sq_residual, y_sq):
+    """``sq_residual / y_sq`` per user (0 labels give the residual / tiny).
+
+    Works on numpy arrays as on jax arrays (the streamed fit keeps its
+    per-user sums on the host).
+    """
+    return sq_residual / (y_sq + np.finfo(y_sq.dtype).tiny)
 
 
 def _rescue_worst(data: UserData, U, fits: UserFit, config, chunk: int, axis=None):
@@ -398,7 +422,7 @@ def _rescue_worst(data: UserData, U, fits: UserFit, config, chunk: int, axis=Non
     if n == 0:
         return fits
     score = all_users(relative_residual(data, fits.sq_residual), axis)
-    _, worst = jax.lax.top_k(score, n)
+    worst, run = rescue_selection(score, n)
     chosen = None
     if axis is not None:
         worst, chosen = _local_rows(worst, t_local, axis)
@@ -410,7 +434,7 @@ def _rescue_worst(data: UserData, U, fits: UserFit, config, chunk: int, axis=Non
         return rescue_masked(X, y, mask, U, current, config), None
 
     better = jax.lax.cond(
-        jnp.max(score) > rescue_floor(score),
+        run,
         lambda: map_user_chunks(fn, (worst, subset), chunk)[0],
         lambda: subset,
     )

@@ -113,20 +113,6 @@ def _pcg(
     return x, i, jnp.linalg.norm(res) / rhs_norm
 
 
-def host_while_loop(cond, body, init):
-    """``lax.while_loop`` as a Python loop, for bodies that stream host data."""
-    while bool(cond(init)):
-        init = body(init)
-    return init
-
-
-def host_fori_loop(lower: int, upper: int, body, init):
-    """``lax.fori_loop`` as a Python loop."""
-    for i in range(lower, upper):
-        init = body(i, init)
-    return init
-
-
 def update_U(
     data, U, V, idx, val, *, ridge, solver, max_iters, tol, chunk_size, axis=None
 ):
@@ -176,7 +162,8 @@ def solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol, while_loop=jax.lax.while
     and ``X_i^T X_i`` averages to ``c m_i I``, so features scaled by ``s``
     (``c = s^2``) give CG iterates of the same size, with no overflow in float32
     at ``s = 1e10`` nor underflow at ``1e-8``. ``while_loop`` may be
-    :func:`host_while_loop` when ``apply`` streams data from the host.
+    :func:`lrs.loop.while_loop` with ``host=True`` when ``apply`` streams data from
+    the host.
     """
     r = M.shape[0]
     eye = jnp.eye(r, dtype=M.dtype)

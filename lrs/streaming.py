@@ -22,13 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrs import amht, metrics, peruser, shared
+from lrs import amht, loop, metrics, peruser, shared
 from lrs.config import AMHTConfig
 from lrs.data import UserData, float_dtype
-from lrs.errors import FitError
+from lrs.errors import raise_if_nonfinite
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows, weights
-from lrs.validation import check_init, check_key, check_truth
+from lrs.validation import (
+    check_data,
+    check_init,
+    check_integer,
+    check_key,
+    check_truth,
+)
 
 # ----------------------------------------------------- per-chunk computations
 
@@ -238,42 +244,36 @@ def fit(
     stream = _Stream(data, int(chunk_users))
     key = check_key(key, default=jax.random.key(0))
     scale = _label_scale(stream)
-    U = _initial_U(stream, config, key, U0, scale)
     state = _HostState(stream.t, config.rank, config.sparsity, stream.dtype)
+    state.U = _initial_U(stream, config, key, U0, scale)
     tol, cg_tol = config.tolerances(stream.dtype)
-    rows, i, code, best, since = [], 0, 0, np.inf, 0
-    while code == 0:
-        U_old, cg_iters = U, 0
+
+    def step(i, state):
+        """:func:`lrs.amht`'s iteration ``i``, each data pass streamed."""
+        i = int(i)
+        U_old, cg_iters = state.U, 0
         if i > 0:
-            U, cg_iters = _shared_step(stream, state, U, scale, config, cg_tol)
+            state.U, cg_iters = _shared_step(stream, state, scale, config, cg_tol)
         steps = config.inner_steps + (3 if i == 0 else 0)
-        _per_user_step(stream, state, U, scale, config, steps, cold=i == 0)
-        info = _info(stream, state, U, U_old, i, cg_iters, scale, truth)
-        change = np.inf if i == 0 else info.u_change
-        state.u_change = change
-        since = 0 if change < best else since + 1
-        best = min(best, change)
-        code = int(
-            amht.stop_code(
-                i,
-                config.num_iters,
-                change,
-                best,
-                since,
-                info.loss,
-                tol,
-                config.stall_iters,
-            )
-        )
-        info = info._replace(stop_code=code)
-        rows.append(info)
-        if callback is not None:
-            callback(i, info)
+        _per_user_step(stream, state, scale, config, steps, cold=i == 0)
+        info = _info(stream, state, U_old, i, cg_iters, scale, truth)
+        state.u_change = np.inf if i == 0 else info.u_change
         state.half += 2
-        i += 1
-    diagnostics = amht.AMHTInfo(*(np.asarray(f) for f in zip(*rows)))
-    params = state.params(U, scale, stream.d)
-    _raise_if_nonfinite(params, diagnostics)
+        return state, info
+
+    def report(i, info):
+        callback(int(i), jax.tree.map(lambda a: np.asarray(a).item(), info))
+
+    nan, zero = np.asarray(np.nan, stream.dtype), np.int32(0)
+    shape = amht.AMHTInfo(nan, nan, zero, nan, nan, zero)
+    rule = loop.StopRule(config.num_iters, tol, config.stall_iters)
+    report = report if callback is not None else None
+    state, history, last = loop.iterate(
+        step, state, shape, rule, host=True, report=report
+    )
+    diagnostics = jax.tree.map(lambda h: np.asarray(h)[: int(last) + 1], history)
+    params = state.params(scale, stream.d)
+    raise_if_nonfinite(params, diagnostics.loss)
     return params, diagnostics
 
 
@@ -289,13 +289,14 @@ class _HostState:
         self.counts = np.zeros((t,), np.int64)
         self.half = 0  # half-step counter of fresh_samples batches
         self.u_change = np.inf  # of the last shared step
+        self.U = None  # (d, r) on the device
 
     def fits(self):
         return (self.V, self.indices, self.values, self.sq_residual)
 
     def score(self) -> np.ndarray:
         """As :func:`lrs.peruser.relative_residual`."""
-        return self.sq_residual / (self.y_sq + np.finfo(self.y_sq.dtype).tiny)
+        return peruser.score_from_sums(self.sq_residual, self.y_sq)
 
     def loss(self):
         return self.sq_residual.sum() / self.counts.sum()
@@ -303,10 +304,10 @@ class _HostState:
     def finite(self) -> bool:
         return bool(np.isfinite(self.loss()))
 
-    def params(self, U, scale, d: int) -> LRSParams:
+    def params(self, scale, d: int) -> LRSParams:
         s = np.asarray(scale)
         B = SparseRows(self.indices.copy(), self.values * s, d)
-        return LRSParams(U, self.V * s, B)
+        return LRSParams(self.U, self.V * s, B)
 
 
 def _label_scale(stream: _Stream) -> jax.Array:
@@ -316,8 +317,7 @@ def _label_scale(stream: _Stream) -> jax.Array:
         raise ValueError("data.X contains NaN or inf values")
     if int(bad_y):
         raise ValueError("data.y contains NaN or inf values")
-    rms = jnp.sqrt(y_sq / jnp.maximum(count, 1))
-    return jnp.where(rms > 0, rms, 1).astype(stream.dtype)
+    return amht.label_scale(y_sq, count, stream.dtype)
 
 
 def _initial_U(stream: _Stream, config: AMHTConfig, key, U0, scale) -> jax.Array:
@@ -342,13 +342,13 @@ def _initial_U(stream: _Stream, config: AMHTConfig, key, U0, scale) -> jax.Array
         key,
         eigensolver=amht.eigensolver(config, d),
         iters=config.init_iters,
-        fori_loop=shared.host_fori_loop,
+        fori_loop=functools.partial(loop.fori_loop, host=True),
     )
 
 
-def _per_user_step(stream, state: _HostState, U, scale, config, steps, cold: bool):
+def _per_user_step(stream, state: _HostState, scale, config, steps, cold: bool):
     """As :func:`lrs.peruser.per_user_step`: pursuit pass, then the rescue."""
-    half, steps = state.half + 1, jnp.asarray(steps, jnp.int32)
+    U, half, steps = state.U, state.half + 1, jnp.asarray(steps, jnp.int32)
     targets = state.fits() + (state.y_sq, state.counts)
     pending = None
     for rows, (X, y, mask, *warm) in stream.chunks(*(() if cold else (state.indices,))):
@@ -360,11 +360,12 @@ def _per_user_step(stream, state: _HostState, U, scale, config, steps, cold: boo
         pending = (rows, _rows_count(rows), (*fits, y_sq, counts))
     _drain(pending, targets)
     n = peruser.rescue_count(stream.t, config)
-    score = state.score()
-    floor = 10 * np.median(score) + 1e3 * np.finfo(score.dtype).eps  # rescue_floor
-    if n == 0 or not score.max() > floor:
+    if n == 0:
         return
-    worst = np.sort(np.argsort(-score, kind="stable")[:n])  # lax.top_k's choice
+    worst, run = peruser.rescue_selection(state.score(), n)
+    if not bool(run):
+        return
+    worst = np.sort(np.asarray(worst))  # streamed in index order
     starts = ("cold", "l1") if config.l1_steps > 0 else ("cold",)
     rescue = _Stream(stream.data, min(stream.c, n))  # no padding past n users
     pending = None
@@ -377,13 +378,13 @@ def _per_user_step(stream, state: _HostState, U, scale, config, steps, cold: boo
     _drain(pending, state.fits())
 
 
-def _shared_step(stream, state: _HostState, U, scale, config, cg_tol):
+def _shared_step(stream, state: _HostState, scale, config, cg_tol):
     """As :func:`lrs.amht._shared_update`: ``(U_new, cg_iters)``."""
-    score = state.score()
-    median = np.median(score)
-    inlier = score <= 100 * median + np.finfo(score.dtype).eps
+    U, score = state.U, jnp.asarray(state.score())
+    median = jnp.median(score)
+    inlier = np.asarray(amht.inlier_users(score, median))
     change = jnp.asarray(state.u_change, score.dtype)
-    tol = amht.shared_tolerance(cg_tol, jnp.asarray(median), change)
+    tol = amht.shared_tolerance(cg_tol, median, change)
     half = state.half
     user_arrays = (inlier, state.V, state.indices, state.values)
 
@@ -408,13 +409,14 @@ def _shared_step(stream, state: _HostState, U, scale, config, cg_tol):
             config.ridge,
             config.cg_iters,
             tol,
-            while_loop=shared.host_while_loop,
+            while_loop=functools.partial(loop.while_loop, host=True),
         )
     return orthonormalize(U_ls)[0], int(stats.cg_iters)
 
 
-def _info(stream, state, U, U_old, i, cg_iters, scale, truth) -> amht.AMHTInfo:
+def _info(stream, state, U_old, i, cg_iters, scale, truth) -> amht.AMHTInfo:
     """The iteration's :class:`lrs.amht.AMHTInfo`, as Python scalars."""
+    U = state.U
     nan = float("nan")
     change = nan if i == 0 else float(metrics.subspace_distance(U_old, U))
     error = distance = nan
@@ -433,62 +435,17 @@ def _info(stream, state, U, U_old, i, cg_iters, scale, truth) -> amht.AMHTInfo:
     return amht.AMHTInfo(loss, change, cg_iters, error, distance)
 
 
-def _raise_if_nonfinite(params: LRSParams, diagnostics) -> None:
-    bad = np.flatnonzero(~np.isfinite(diagnostics.loss))
-    if bad.size:
-        raise FitError(f"the fit became non-finite at iteration {bad[0]}")
-    leaves = (params.U, params.V, params.B.values)
-    if not all(np.isfinite(np.asarray(a)).all() for a in leaves):
-        raise FitError(
-            f"the fit became non-finite at iteration {len(diagnostics.loss) - 1}"
-        )
-
-
 def _check(data, config, chunk_users, truth, U0):
     """Host-side checks that read no data values; returns ``(config, U0)``."""
     if not isinstance(config, AMHTConfig):
         raise ValueError(
             f"config must be an lrs.AMHTConfig; got {type(config).__name__}"
         )
-    if isinstance(chunk_users, bool) or not isinstance(chunk_users, int | np.integer):
-        raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users!r}")
-    if chunk_users < 1:
-        raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users}")
-    _check_host_data(data, config)
+    check_integer("chunk_users", chunk_users, 1)
+    check_data(data, config, values=False, convert=False)
     t, _, d = data.X.shape
     if U0 is not None:
         U0 = check_init(U0, d, config.rank, float_dtype(data.X.dtype))
     if truth is not None:
         check_truth(truth, t, d)
     return config, U0
-
-
-def _check_host_data(data, config: AMHTConfig) -> None:
-    """Shapes, dtypes and sample counts of ``data`` (values: see fit)."""
-    if not isinstance(data, UserData):
-        raise ValueError(f"data must be an lrs.UserData; got {type(data).__name__}")
-    X, y, mask = data
-    for name, a in (("X", X), ("y", y)):
-        dtype = getattr(a, "dtype", None)
-        if dtype is None or not np.issubdtype(dtype, np.floating):
-            raise ValueError(f"data.{name} must be a real floating array; got {dtype}")
-    if X.ndim != 3 or X.shape[0] == 0:
-        raise ValueError(f"data.X must have shape (t, m, d), t >= 1; got {X.shape}")
-    t, m, d = X.shape
-    if y.shape != (t, m) or mask.shape != (t, m) or mask.dtype != bool:
-        raise ValueError(
-            f"data.y and data.mask must have shape (t, m) = {(t, m)}, the mask "
-            f"boolean; got {y.shape} and {mask.shape} {mask.dtype}"
-        )
-    if not config.rank < d:
-        raise ValueError(f"rank must be < d = {d}; got {config.rank}")
-    if not config.sparsity < d:
-        raise ValueError(f"sparsity must be < d = {d}; got {config.sparsity}")
-    config.check_features(d)
-    need = (config.rank + config.sparsity) * max(config.fresh_samples, 1)
-    short = np.flatnonzero(np.asarray(mask).sum(axis=1) < need)
-    if short.size:
-        raise ValueError(
-            f"data: {short.size} user(s) have fewer than {need} samples "
-            f"(rank + sparsity, times fresh_samples if > 1), e.g. user {short[0]}"
-        )

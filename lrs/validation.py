@@ -12,15 +12,22 @@ from lrs.config import AMHTConfig
 from lrs.data import UserData, _as_real_array, _check_finite
 
 
-def check_layout(data, config: AMHTConfig, *, name: str = "data") -> UserData:
+def check_layout(
+    data, config: AMHTConfig, *, name: str = "data", convert: bool = True
+) -> UserData:
     """Checks the public facts of ``data``: type, shapes, dtypes, rank and
     sparsity against ``d``. Never reads the values (the private fits accept
     any values; :func:`check_data` adds the value checks of the other fits).
 
-    Never modifies ``data``: integer arrays are converted into new arrays.
+    Never modifies ``data``: integer arrays are converted into new arrays;
+    with ``convert=False`` (host data streamed chunk by chunk, converted per
+    chunk) ``data`` comes back as it is.
     """
     if not isinstance(data, UserData):
         raise ValueError(f"{name} must be an lrs.UserData; got {type(data).__name__}")
+    if not convert:
+        check_layout(_layout_only(data), config, name=name)
+        return data
     X = _as_real_array(data.X, f"{name}.X")
     y = _as_real_array(data.y, f"{name}.y")
     mask = np.asarray(data.mask) if not isinstance(data.mask, jax.Array) else data.mask
@@ -44,16 +51,42 @@ def check_layout(data, config: AMHTConfig, *, name: str = "data") -> UserData:
     return UserData(X, y, mask)
 
 
-def check_data(data, config: AMHTConfig, *, name: str = "data") -> UserData:
+def _layout_only(data: UserData) -> UserData:
+    """Stand-ins of ``data``'s arrays with its shapes and dtypes, no values."""
+
+    def fake(a, what):
+        dtype = getattr(a, "dtype", None)
+        if dtype is None or getattr(a, "shape", None) is None:
+            raise ValueError(
+                f"data.{what} must be an array (numpy, memory-mapped or jax); "
+                f"got {type(a).__name__}"
+            )
+        return np.broadcast_to(np.zeros((), dtype), a.shape)
+
+    return UserData(fake(data.X, "X"), fake(data.y, "y"), fake(data.mask, "mask"))
+
+
+def check_data(
+    data,
+    config: AMHTConfig,
+    *,
+    name: str = "data",
+    values: bool = True,
+    convert: bool = True,
+) -> UserData:
     """Validates ``data`` against ``config``; returns it, converted if needed.
 
-    :func:`check_layout`, then: every value finite and every user with at
-    least ``rank + sparsity`` samples (times ``fresh_samples``). Never
-    modifies ``data``: integer arrays are converted into new arrays.
+    :func:`check_layout`, then: every value finite (unless ``values`` is
+    False: the streamed fit checks them in its first pass, chunk by chunk)
+    and every user with at least ``rank + sparsity`` samples (times
+    ``fresh_samples``). Never modifies ``data``: integer arrays are converted
+    into new arrays (not with ``convert=False``).
     """
-    data = check_layout(data, config, name=name)
-    _check_finite_by_rows(data.X, f"{name}.X")
-    _check_finite_by_rows(data.y, f"{name}.y")
+    data = check_layout(data, config, name=name, convert=convert)
+    config.check_features(data.X.shape[2])
+    if values:
+        _check_finite_by_rows(data.X, f"{name}.X")
+        _check_finite_by_rows(data.y, f"{name}.y")
     batches = max(config.fresh_samples, 1)
     need = (config.rank + config.sparsity) * batches
     counts = np.asarray(data.mask.sum(axis=1))

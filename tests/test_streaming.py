@@ -104,7 +104,7 @@ def test_bad_data_raise(problem):
             lrs.UserData.from_host(X, np.array(data.y)), CONFIG, chunk_users=4
         )
     short = _host(data)._replace(mask=np.zeros((20, 12), bool))
-    with pytest.raises(ValueError, match="fewer than 3 samples"):
+    with pytest.raises(ValueError, match=r"fewer samples than rank \+ sparsity = 3"):
         lrs.fit_streamed(short, CONFIG, chunk_users=4)
 
 

@@ -33,12 +33,18 @@ import numpy as np
 
 from lrs import amht, shared
 from lrs.chunking import map_user_chunks
-from lrs.config import AMHTConfig, _check_int, _check_real
+from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.linalg import spd_solve, top_k_indices
 from lrs.params import LRSParams, SparseRows
 from lrs.peruser import per_user_step
-from lrs.validation import check_data, check_key
+from lrs.validation import (
+    check_data,
+    check_fraction,
+    check_integer,
+    check_key,
+    check_real,
+)
 
 __all__ = [
     "BASELINES",
@@ -81,26 +87,20 @@ class BaselineConfig:
     validation_fraction: float = 0.2
 
     def __post_init__(self):
-        _check_int("rank", self.rank, 1)
-        _check_int("sparsity", self.sparsity, 0)
-        _check_int("num_iters", self.num_iters, 0)
-        _check_int("convex_steps", self.convex_steps, 1)
+        check_integer("rank", self.rank, 1)
+        check_integer("sparsity", self.sparsity, 0)
+        check_integer("num_iters", self.num_iters, 0)
+        check_integer("convex_steps", self.convex_steps, 1)
         for name in ("ridge_grid", "convex_grid"):
             grid = getattr(self, name)
             if not isinstance(grid, tuple) or not grid:
                 raise ValueError(f"{name} must be a non-empty tuple; got {grid!r}")
             for value in grid:
-                _check_real(name, value, "a tuple of finite numbers > 0")
-                if value <= 0:
-                    raise ValueError(f"{name} entries must be > 0; got {value!r}")
+                expected = "a tuple of finite numbers > 0"
+                check_real(name, value, expected, low=0, open_low=True)
         if not isinstance(self.fine_tune, bool):
             raise ValueError(f"fine_tune must be a bool; got {self.fine_tune!r}")
-        _check_real("validation_fraction", self.validation_fraction, "in (0, 1)")
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(
-                f"validation_fraction must lie in (0, 1); "
-                f"got {self.validation_fraction!r}"
-            )
+        check_fraction("validation_fraction", self.validation_fraction)
 
 
 def _baseline_config(config) -> BaselineConfig:
@@ -490,7 +490,7 @@ def oracle(data: UserData, config, *, key=None, U, passes: int = 10):
             f"U must be a (d, r) array with d = {data.X.shape[-1]}, r >= 1; "
             f"got shape {U.shape}"
         )
-    _check_int("passes", passes, 0)
+    check_integer("passes", passes, 0)
     k = _baseline_config(config).sparsity
     cfg = dataclasses.replace(_amht_config(config, U.shape[1], k), init="moments")
     data = check_data(data, cfg)

@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from lrs.validation import check_integer, check_real
+
 _U_SOLVERS = ("cg", "dense")
 _EIGENSOLVERS = ("auto", "dense", "subspace")
 
@@ -90,38 +92,31 @@ class AMHTConfig:
     init_iters: int = 40
 
     def __post_init__(self):
-        _check_int("rank", self.rank, 1)
-        _check_int("sparsity", self.sparsity, 0)
-        _check_int("num_iters", self.num_iters, 0)
-        _check_int("inner_steps", self.inner_steps, 0)
-        _check_int("fresh_samples", self.fresh_samples, 0)
-        _check_int("cg_iters", self.cg_iters, 1)
-        _check_int("l1_steps", self.l1_steps, 0)
-        _check_int("init_iters", self.init_iters, 1)
-        _check_int("stall_iters", self.stall_iters, 0)
-        _check_real("sparse_ridge", self.sparse_ridge, "a finite number >= 0")
-        if self.sparse_ridge < 0:
-            raise ValueError(
-                f"sparse_ridge must be a finite number >= 0; got {self.sparse_ridge!r}"
-            )
+        for name, low in (
+            ("rank", 1),
+            ("sparsity", 0),
+            ("num_iters", 0),
+            ("inner_steps", 0),
+            ("fresh_samples", 0),
+            ("cg_iters", 1),
+            ("l1_steps", 0),
+            ("init_iters", 1),
+            ("stall_iters", 0),
+            ("chunk_bytes", 1),
+        ):
+            check_integer(name, getattr(self, name), low)
+        for name in ("ridge", "sparse_ridge"):
+            check_real(name, getattr(self, name), "a finite number >= 0", low=0)
         self._check_sparse_features()
-        _check_int("chunk_bytes", self.chunk_bytes, 1)
         if self.user_chunk_size is not None:
-            _check_int("user_chunk_size", self.user_chunk_size, 1)
+            check_integer("user_chunk_size", self.user_chunk_size, 1)
         for name in ("tol", "cg_tol"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_real(name, value, "a finite number >= 0 or None")
-                if value < 0:
-                    raise ValueError(f"{name} must be >= 0 or None; got {value!r}")
-        _check_real("ridge", self.ridge, "a finite number >= 0")
-        if self.ridge < 0:
-            raise ValueError(f"ridge must be a finite number >= 0; got {self.ridge!r}")
-        _check_real("rescue_fraction", self.rescue_fraction, "a number in [0, 1]")
-        if not 0 <= self.rescue_fraction <= 1:
-            raise ValueError(
-                f"rescue_fraction must lie in [0, 1]; got {self.rescue_fraction!r}"
-            )
+            if getattr(self, name) is not None:
+                expected = "a finite number >= 0 or None"
+                check_real(name, getattr(self, name), expected, low=0)
+        check_real(
+            "rescue_fraction", self.rescue_fraction, "a number in [0, 1]", low=0, high=1
+        )
         if self.u_solver not in _U_SOLVERS:
             raise ValueError(
                 f"u_solver must be one of {_U_SOLVERS}; got {self.u_solver!r}"
@@ -184,17 +179,3 @@ class AMHTConfig:
         if self.user_chunk_size is not None:
             return self.user_chunk_size
         return max(1, self.chunk_bytes // max(1, m * d * itemsize))
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer; got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-
-
-def _check_real(name: str, value, expected: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-        raise ValueError(f"{name} must be {expected}; got {value!r}")
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be {expected}; got {value!r}")

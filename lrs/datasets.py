@@ -24,6 +24,7 @@ import numpy as np
 
 from lrs.data import UserData
 from lrs.standin import write_standin
+from lrs.validation import check_fraction, check_integer
 
 __all__ = [
     "RatingTasks",
@@ -370,17 +371,9 @@ def load_ratings(
     """
     _check_load_arguments(split, test_fraction, genres, seed, dtype)
     if validation_fraction is not None:
-        _check_fraction("validation_fraction", validation_fraction)
-    if (
-        isinstance(min_ratings, bool)
-        or not isinstance(min_ratings, int)
-        or min_ratings < 2
-    ):
-        raise ValueError(f"min_ratings must be an integer >= 2; got {min_ratings!r}")
-    if not isinstance(embedding_dim, int) or embedding_dim < 0:
-        raise ValueError(
-            f"embedding_dim must be an integer >= 0; got {embedding_dim!r}"
-        )
+        check_fraction("validation_fraction", validation_fraction)
+    check_integer("min_ratings", min_ratings, 2)
+    check_integer("embedding_dim", embedding_dim, 0)
     if max_train is not None and (not isinstance(max_train, int) or max_train < 1):
         raise ValueError(
             f"max_train must be None or an integer >= 1; got {max_train!r}"
@@ -443,24 +436,14 @@ def load_ratings(
     )
 
 
-def _check_fraction(name: str, value) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float | np.number)
-        or not 0 < value < 1
-    ):
-        raise ValueError(f"{name} must be a number in (0, 1); got {value!r}")
-
-
 def _check_load_arguments(split, test_fraction, genres, seed, dtype) -> None:
     """ValueErrors naming the bad argument of :func:`load_ratings`."""
     if split not in ("time", "random"):
         raise ValueError(f"split must be 'time' or 'random'; got {split!r}")
-    _check_fraction("test_fraction", test_fraction)
+    check_fraction("test_fraction", test_fraction)
     if not isinstance(genres, bool):
         raise ValueError(f"genres must be a bool; got {genres!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+    check_integer("seed", seed, 0)
     if dtype is not None:
         try:
             kind = np.dtype(dtype)

@@ -25,6 +25,8 @@ import os
 
 import numpy as np
 
+from lrs.validation import check_integer, check_real
+
 __all__ = ["STANDIN_GENRES", "write_standin"]
 
 # ML-100K's genres, with rough shares of items carrying each.
@@ -37,14 +39,6 @@ _GENRE_SHARE = np.array(
      0.034, 0.036, 0.146, 0.06, 0.15, 0.042, 0.016]
 )  # fmt: skip
 _SPAN = (874_724_710, 893_286_638)  # ML-100K's first and last timestamps
-
-
-def _check(name: str, value, low, integer: bool) -> None:
-    kind = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}")
-    if not np.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be >= {low}; got {value!r}")
 
 
 def _activity(rng, users: int, ratings: int, items: int, low: int) -> np.ndarray:
@@ -155,10 +149,10 @@ def write_standin(
         ("min_ratings", min_ratings, 1),
         ("seed", seed, 0),
     ):
-        _check(name, value, low, True)
-    _check("ratings", ratings, users * min_ratings, True)
+        check_integer(name, value, low)
+    check_integer("ratings", ratings, users * min_ratings)
     for name in ("low_rank", "sparse", "noise", "drift"):
-        _check(name, locals()[name], 0, False)
+        check_real(name, locals()[name], "a finite number >= 0", low=0)
     if min_ratings > 0.5 * items:
         raise ValueError(f"min_ratings must be <= items / 2; got {min_ratings}")
     if file_format not in ("100k", "1m"):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
-from lrs.config import AMHTConfig
 from lrs.data import UserData, _as_real_array, _check_finite
+
+if TYPE_CHECKING:
+    from lrs.config import AMHTConfig
 
 
 def check_layout(
@@ -181,19 +184,41 @@ def check_key(key, *, name: str = "key", default=None):
     return key
 
 
-def check_real(name: str, value, expected: str = "a finite number") -> float:
-    """``value`` as a float: any real number (Python or numpy) but a bool.
+def check_real(
+    name: str,
+    value,
+    expected: str = "a finite number",
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> float:
+    """``value`` as a float: any finite real number (Python or numpy) but a
+    bool, within ``[low, high]`` where given (``open_low`` / ``open_high``:
+    the bound itself excluded).
 
     Raises:
-      ValueError: naming ``name`` and ``expected`` for a bool, a non-number or
-        a non-finite value.
+      ValueError: ``"{name} must be {expected}; got {value!r}"`` for a bool,
+        a non-number, a non-finite value or one out of range.
     """
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be {expected}; got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
+    number = float(value)
+    bad = not math.isfinite(number)
+    if low is not None:
+        bad |= number <= low if open_low else number < low
+    if high is not None:
+        bad |= number >= high if open_high else number > high
+    if bad:
         raise ValueError(f"{name} must be {expected}; got {value!r}")
-    return value
+    return number
+
+
+def check_fraction(name: str, value) -> float:
+    """``value`` as a float strictly between 0 and 1 (a fraction, a delta)."""
+    bounds = dict(low=0, high=1, open_low=True, open_high=True)
+    return check_real(name, value, "a number in (0, 1)", **bounds)
 
 
 def check_integer(name: str, value, low: int) -> int:

@@ -40,7 +40,7 @@ from lrs.private import mechanism as mech
 from lrs.private.config import DPConfig
 from lrs.private.result import finish
 from lrs.streaming import _drain, _error_chunk, _rows_count, _Stream
-from lrs.validation import check_key, check_truth
+from lrs.validation import check_integer, check_key, check_truth
 
 # ----------------------------------------------------- per-chunk computations
 
@@ -233,10 +233,7 @@ def fit_streamed(
     """
     key = check_key(key)
     public_seed = alg.check_public_seed(public_seed)
-    if isinstance(chunk_users, bool) or not isinstance(chunk_users, int | np.integer):
-        raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users!r}")
-    if chunk_users < 1:
-        raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users}")
+    check_integer("chunk_users", chunk_users, 1)
     prepared, data = alg.prepare(data, config, dp_config, U0)
     stream = _Stream(data, int(chunk_users))
     t, d = stream.t, stream.d

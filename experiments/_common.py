@@ -1,4 +1,6 @@
-"""Shared plumbing of the issue-4 experiment scripts (arguments, output, methods).
+"""Shared plumbing of the issue-4 experiment scripts (arguments, output, methods;
+plots in the studies' one style: ``figure``, ``save`` and ``plotting`` from
+:mod:`lrs.studies.plotting`).
 
 Import this before jax: it applies the XLA-on-CPU deadlock work-around.
 """
@@ -25,6 +27,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import lrs  # noqa: E402
 from lrs import baselines  # noqa: E402
+from lrs.studies import plotting  # noqa: E402, F401
+from lrs.studies.plotting import figure, save  # noqa: E402, F401
 
 METHODS = (
     "amht",
@@ -167,16 +171,6 @@ def safe(fit, data, key):
     except lrs.FitError as error:
         print(f"  FitError: {error}", file=sys.stderr)
         return None
-
-
-def figure(ncols: int = 1, nrows: int = 1, size=(5, 4)):
-    """A matplotlib figure on an Agg canvas (no display, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def mse_zero(data: lrs.UserData) -> float:

@@ -315,12 +315,10 @@ def summarize(forward, train) -> dict:
 
 def plot(result, path) -> None:
     """Forward time and temporary memory vs batch; step time vs users."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from lrs.studies import plotting
 
-    fig = Figure(figsize=(15, 4.2))
-    FigureCanvasAgg(fig)
-    ax_time, ax_mem, ax_train = fig.subplots(1, 3)
+    fig, axes = plotting.figure(3)
+    ax_time, ax_mem, ax_train = axes[0]
     for i, (method, entry) in enumerate(result["forward"].items()):
         batch = [r["batch"] for r in entry["rows"]]
         style = dict(marker="o", color=f"C{i}", label=method)
@@ -340,8 +338,7 @@ def plot(result, path) -> None:
     ax_train.set_ylim(bottom=0)
     for ax in (ax_time, ax_mem, ax_train):
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plotting.save(fig, path)
 
 
 def _line(result, path) -> str:

@@ -161,7 +161,7 @@ def plot(record, path: str) -> None:
         ax.set_title(f"{regime}: m = {record['regimes'][regime]} per user")
         ax.set_ylabel("test MSE (held-out samples)")
     axes[0][0].legend(fontsize=7)
-    fig.savefig(path, dpi=110)
+    c.save(fig, path)
 
 
 def main(argv=None):

@@ -87,9 +87,9 @@ def plot(record, path: str) -> None:
     ax.set_xlabel("iteration (0 = initialization)")
     ax.set_ylabel("relative error ||W - W*||_F / ||W*||_F")
     ax.set_title(f"AMHT-LRS, d = {p['d']}, t = {p['t']}, m = {p['m']}, noiseless")
-    ax.grid(True, which="both", alpha=0.3)
+    c.plotting.grid(ax, "both")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    c.save(fig, path)
 
 
 def main(argv=None):

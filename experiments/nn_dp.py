@@ -158,7 +158,7 @@ def plot(record, path: str) -> None:
     ax.set_xlabel("epsilon (delta = 1e-5, user level)")
     ax.set_ylabel("test MSE")
     ax.legend()
-    fig.savefig(path, dpi=120)
+    c.save(fig, path)
 
 
 def main(argv=None) -> int:

@@ -156,7 +156,7 @@ def plot(record, path: str) -> None:
     ax.set_xlabel("samples per user m")
     ax.set_title(f"sigma = {record['params']['sigma']}")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    c.save(fig, path)
 
 
 def main(argv=None):

@@ -10,7 +10,7 @@ from lrs._xla import avoid_cpu_deadlock
 
 avoid_cpu_deadlock()  # before JAX starts its CPU backend
 
-from lrs.nn.experiment import main  # noqa: E402
+from lrs.studies.transformer import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main(prog="personalized_transformer.py"))

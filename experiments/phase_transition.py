@@ -229,7 +229,7 @@ def plot_map(record, key: str, path: str) -> None:
         f"t = {p['t']}, {fixed}"
     )
     ax.legend(fontsize=7, loc="upper left")
-    fig.savefig(path, dpi=110)
+    c.save(fig, path)
 
 
 def plot_gap(record, path: str) -> None:
@@ -244,7 +244,7 @@ def plot_gap(record, path: str) -> None:
     ax.set_ylabel("samples per user m")
     ax.set_title(f"d = {p['d']}, r = {p['r']}, k = {p['k']}")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    c.save(fig, path)
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@ aggregation and the whole fit with the crafted canary for epsilon in
 {1, 2, 4, 8} (the fit scored by the final-U and by the transcript attacker),
 the ordinary canary, a float32 run and the overflow canary (a 1e20-scaled user
 in float32) at epsilon 8, and two broken controls that must be flagged (half
-the noise; one key reused by every run). Table: lrs.audit.experiment.
+the noise; one key reused by every run). Table: lrs.studies.privacy_audit.
 """
 
 import sys

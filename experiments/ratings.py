@@ -214,7 +214,7 @@ def plot(record, path: str) -> None:
         os.path.basename(record["path"]) + f", r={record['rank']}, "
         f"k={record['sparsity']}"
     )
-    fig.savefig(path, dpi=110)
+    c.save(fig, path)
 
 
 def main(argv=None):

@@ -136,7 +136,7 @@ def plot(record, path: str) -> None:
     p = record["params"]
     ax.set_title(f"d={p['d']}, t={p['t']}, m={p['m']}, r={p['r']}, k={p['k']}")
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
+    c.save(fig, path)
 
 
 def main(argv=None):

@@ -29,11 +29,18 @@ import numpy as np
 
 from lrs import amht
 from lrs.chunking import map_user_chunks
-from lrs.config import AMHTConfig, _check_int, _check_real
+from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.params import LRSParams, weights
 from lrs.peruser import chunk_size
-from lrs.validation import check_data, check_key, check_layout
+from lrs.validation import (
+    check_data,
+    check_fraction,
+    check_integer,
+    check_key,
+    check_layout,
+    check_real,
+)
 
 __all__ = ["Candidate", "Selection", "plot", "select", "validation_masks"]
 
@@ -194,7 +201,7 @@ def _grid(name: str, values, check) -> tuple:
 def _ints(name: str, low: int):
     def check(v):
         try:
-            _check_int(name, v, low)
+            check_integer(name, v, low)
         except ValueError:
             raise ValueError(f"{name} must hold integers >= {low}; got {v!r}") from None
 
@@ -203,20 +210,16 @@ def _ints(name: str, low: int):
 
 def _reals(name: str):
     def check(v):
-        _check_real(name, v, "a finite number >= 0")
-        if v < 0:
-            raise ValueError(f"{name} must hold numbers >= 0; got {v!r}")
+        check_real(name, v, "a finite number >= 0", low=0)
 
     return check
 
 
 def _check_scheme(folds, holdout, seed, batch_size) -> None:
-    _check_int("folds", folds, 1)
-    _check_real("holdout", holdout, "a number in (0, 1)")
-    if not 0 < holdout < 1:
-        raise ValueError(f"holdout must lie in (0, 1); got {holdout!r}")
-    _check_int("seed", seed, 0)
-    _check_int("batch_size", batch_size, 1)
+    check_integer("folds", folds, 1)
+    check_fraction("holdout", holdout)
+    check_integer("seed", seed, 0)
+    check_integer("batch_size", batch_size, 1)
 
 
 # ------------------------------------------------------------- select
@@ -373,15 +376,15 @@ def plot(selection: Selection, path: str | os.PathLike, title: str | None = None
     """Saves a PNG of the validation curve: validation MSE against the rank,
     one line per (sparsity, ridge, sparse_ridge), the chosen point circled.
 
-    matplotlib is imported here only, on an Agg canvas (no display, no pyplot
-    state), as in :mod:`lrs.plotting`. Returns the path written.
+    Drawn in the studies' one style (:mod:`lrs.studies.plotting`: an Agg
+    canvas, no pyplot state; matplotlib is imported here only). Returns the
+    path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from lrs.studies import plotting
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    fig, axes = plotting.figure(size=(7, 4.5))
+    ax = axes[0, 0]
+    plotting.grid(ax)
     lines: dict[tuple, list] = {}
     for row in selection.table:
         label = (row.sparsity, row.ridge, row.sparse_ridge)
@@ -407,5 +410,4 @@ def plot(selection: Selection, path: str | os.PathLike, title: str | None = None
     )
     ax.set_title(title or f"model selection ({scheme}): chosen {c}", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
-    fig.savefig(path, dpi=110)
-    return os.fspath(path)
+    return plotting.save(fig, path)

@@ -12,7 +12,7 @@ import scipy.optimize
 import scipy.stats
 
 from lrs import audit
-from lrs.audit import experiment
+from lrs.studies import privacy_audit as experiment
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 

@@ -97,7 +97,7 @@ def test_bad_arguments_fail_cleanly(tmp_path, args, words):
 
 
 def test_plot_convergence_handles_gaps(tmp_path):
-    from lrs.plotting import plot_convergence
+    from lrs.studies.plotting import plot_convergence
 
     path = plot_convergence(
         {

@@ -130,10 +130,10 @@ def test_site_builds_strictly_with_every_public_name(tmp_path):
 
 def test_the_audit_table_is_the_one_its_record_gives():
     """docs/privacy.md's audit table is generated from the JSON the audit
-    wrote (``lrs.audit.experiment.summary``), not copied by hand."""
+    wrote (``lrs.studies.privacy_audit.summary``), not copied by hand."""
     import json
 
-    from lrs.audit import experiment
+    from lrs.studies import privacy_audit as experiment
 
     record = json.loads((ROOT / "docs/bench/audit/privacy_audit.json").read_text())
     table = experiment.summary(record).split("\n\n")[0]

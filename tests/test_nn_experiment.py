@@ -1,8 +1,8 @@
-"""lrs.nn.experiment: argument handling and the claim check (no training here)."""
+"""lrs.studies.transformer: argument handling and the claim check (no training here)."""
 
 import pytest
 
-from lrs.nn import experiment
+from lrs.studies import transformer as experiment
 
 
 def _row(method, bytes_, trained, new):

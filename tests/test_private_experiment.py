@@ -1,11 +1,11 @@
-"""``lrs dp`` (lrs.private.experiment): the study runs end to end at a tiny
+"""``lrs dp`` (lrs.studies.privacy_utility): the study runs end to end at a tiny
 size, and its record keeps the exact, non-private statistics apart."""
 
 import json
 
 import pytest
 
-from lrs.private import experiment
+from lrs.studies import privacy_utility as experiment
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 

@@ -13,6 +13,7 @@ the noise, and one key reused by every run. Writes ``privacy_audit.json`` and
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -24,6 +25,7 @@ import jax
 
 from lrs.audit.canary import AuditProblem
 from lrs.audit.run import AuditConfig, audit_attackers
+from lrs.studies import plotting
 
 EPSILONS = (1.0, 2.0, 4.0, 8.0)  # sorted: the last is the largest
 
@@ -33,7 +35,7 @@ ATTACKER_NAMES = {"final": "", "transcript": ", transcript attacker"}
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """Sizes of one run of the audit experiment.
+    """Sizes of one run of the audit study.
 
     ``float32_levels``: the levels of the float32 and overflow-canary audits,
     ``float32_trials`` and ``float32_fit_trials`` the runs per side of their
@@ -147,7 +149,7 @@ def run(
     rows = []
     bar = progress(total=len(jobs), desc="audits", unit="audit") if progress else None
     start = time.perf_counter()
-    # A quick run is mostly compilation: compile cheaply (the nn experiment's
+    # A quick run is mostly compilation: compile cheaply (the transformer study's
     # --quick does the same); results change only in the last digits.
     cheap = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", cheap or quick)
@@ -224,21 +226,24 @@ def summary(results: dict) -> str:
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 5.0))
+    fig, axes = plotting.figure(size=(6.5, 5.0))
+    ax = axes[0, 0]
     rows = results["rows"]
     claims = sorted({r["epsilon_claimed"] for r in rows})
-    ax.plot(claims, claims, "k--", lw=1, label="claim (bound must stay below)")
+    ax.plot(
+        claims,
+        claims,
+        "--",
+        color=plotting.REFERENCE,
+        lw=1,
+        label="claim (bound must stay below)",
+    )
     kinds = list(dict.fromkeys(r["kind"] for r in rows))  # in table order
     markers = "osDv^<>pXh*P"
     for i, kind in enumerate(kinds):
         chosen = [r for r in rows if r["kind"] == kind]
         broken = chosen[0]["fault"] is not None
-        color = "C3" if broken else f"C{[0, 1, 2, 4, 5, 6, 7, 8, 9][i % 9]}"
+        color = plotting.ALERT if broken else f"C{[0, 1, 2, 4, 5, 6, 7, 8, 9][i % 9]}"
         marker = "x+"[i % 2] if broken else markers[i % len(markers)]
         x = [r["epsilon_claimed"] for r in chosen]
         ax.plot(
@@ -264,6 +269,15 @@ def _plot(results: dict, path: Path) -> None:
         "Canary audit: 95% lower bounds (hollow: point estimates)", fontsize=10
     )
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Runs ``lrs audit`` with the parsed ``args``; returns the exit status."""
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    results = run(out, quick=args.quick, seed=args.seed, plot=args.plot, progress=tqdm)
+    print(summary(results))
+    print(f"results: {out / 'privacy_audit.json'}")
+    return 0

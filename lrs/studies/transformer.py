@@ -1,4 +1,4 @@
-"""Personalized transformer experiment: LRS layers against the usual adapters.
+"""Personalized transformer study: LRS layers against the usual adapters.
 
 For each task kind (``lrs``: realizable, ``dense``: misspecified) and each number
 of samples per user m, it draws a teacher task, pretrains a global transformer
@@ -24,6 +24,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from lrs.studies import plotting
 
 RESULTS_NAME = "transformer.json"
 PLOT_NAME = "transformer.png"
@@ -75,7 +77,7 @@ def _csv(kind):
 
 
 def build_parser(prog: str = "lrs transformer") -> argparse.ArgumentParser:
-    """Arguments of the experiment (imports nothing heavy)."""
+    """Arguments of the study (imports nothing heavy)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
 
     def preset(name):
@@ -393,10 +395,65 @@ def run(args) -> dict:
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {path.resolve()}  ({results['total_seconds']:.0f} s)")
     if args.plot:
-        from lrs.nn.plot import plot_results
-
         print(f"plot:    {plot_results(results, out / PLOT_NAME).resolve()}")
     return results
+
+
+def plot_results(results: dict, path) -> Path:
+    """Plots the saved results: accuracy vs per-user parameters (smallest m)
+    and accuracy vs m, per kind.
+
+    Rows: task kinds; columns: test accuracy of trained users and of new users
+    against per-user parameters at the smallest m, then accuracy against m.
+    """
+    kinds = sorted({s["kind"] for s in results["settings"]}, reverse=True)
+    fig, axes = plotting.figure(3, len(kinds))
+    methods = [r["method"] for r in results["settings"][0]["rows"]]
+    colors = plotting.colours(methods)
+    for row, kind in zip(axes, kinds):
+        settings = sorted(
+            (s for s in results["settings"] if s["kind"] == kind),
+            key=lambda s: s["samples_per_user"],
+        )
+        scarce = settings[0]
+        for col, split in enumerate(("trained_users", "new_users")):
+            ax = row[col]
+            for r in scarce["rows"]:
+                x = max(r["per_user_floats"] + r["per_user_ints"], 0.5)
+                ax.scatter(x, r[split]["accuracy"], color=colors[r["method"]], s=50)
+                ax.annotate(
+                    r["method"],
+                    (x, r[split]["accuracy"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("per-user parameters (floats + indices; global at 0.5)")
+            ax.set_ylabel("test accuracy")
+            who = split.replace("_", " ")
+            m = scarce["samples_per_user"]
+            ax.set_title(f"{kind} teacher, m={m}: {who}")
+            plotting.grid(ax)
+        ax = row[2]
+        for method in methods:
+            ms = [s["samples_per_user"] for s in settings]
+            acc = [
+                next(r for r in s["rows"] if r["method"] == method)["new_users"][
+                    "accuracy"
+                ]
+                for s in settings
+            ]
+            ax.plot(ms, acc, "o-", color=colors[method], label=method)
+        ax.set_xscale("log")
+        ax.set_xticks(ms, [str(v) for v in ms])
+        ax.minorticks_off()
+        ax.set_xlabel("samples per user m")
+        ax.set_ylabel("new users' test accuracy")
+        ax.set_title(f"{kind} teacher: cold start vs m")
+        plotting.grid(ax)
+        ax.legend(fontsize=7)
+    return Path(plotting.save(fig, path))
 
 
 def main(argv: list[str] | None = None, prog: str = "lrs transformer") -> int:
@@ -409,6 +466,11 @@ def main(argv: list[str] | None = None, prog: str = "lrs transformer") -> int:
         parser.error(str(e))
     run(args)
     return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """Runs ``lrs transformer``: its own parser reads ``args.rest``."""
+    return main(args.rest, prog="lrs transformer")
 
 
 if __name__ == "__main__":

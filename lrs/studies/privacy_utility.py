@@ -1,4 +1,4 @@
-"""The privacy-utility experiment behind ``lrs dp`` and
+"""The privacy-utility study behind ``lrs dp`` and
 ``experiments/privacy_utility.py`` (docs/privacy.md, section 4).
 
 Three parts, on planted problems y = <x, U* v* + b*> + N(0, noise^2) with a
@@ -14,6 +14,7 @@ held-out half of each user's samples:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -25,6 +26,7 @@ import numpy as np
 
 import lrs
 from lrs import private
+from lrs.studies import plotting
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -251,12 +253,8 @@ def _users_slope(rows) -> dict:
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plotting.figure(3)
+    axes = axes[0]
     rows = results["epsilon"]
     for ax, key, label in (
         (axes[0], "subspace_distance", "subspace distance of U"),
@@ -268,11 +266,11 @@ def _plot(results: dict, path: Path) -> None:
         ]
         base = np.mean([r["non_private"][key] for r in rows])
         ax.loglog(eps, mean, "o-", label="private AMHT-LRS")
-        ax.axhline(base, color="k", ls="--", label="non-private lrs.fit")
+        ax.axhline(base, color=plotting.REFERENCE, ls="--", label="non-private lrs.fit")
         ax.set_xlabel(f"epsilon (delta = {results['setting']['delta']:g})")
         ax.set_ylabel(label)
         ax.legend()
-        ax.grid(True, which="both", alpha=0.3)
+        plotting.grid(ax, "both")
     t = results["setting"]["epsilon_users"]
     axes[0].set_title(f"t = {t} users")
     axes[1].set_title(f"t = {t} users")
@@ -302,17 +300,16 @@ def _plot(results: dict, path: Path) -> None:
             ax.loglog(
                 ts,
                 part[0] * (np.asarray(ts) / ts[0]) ** -1.0,
-                "k-",
+                "-",
+                color=plotting.REFERENCE,
                 lw=0.8,
                 label=f"theory slope -1 (fitted {slope:.2f})",
             )
         ax.set_xlabel("users t")
         ax.set_ylabel("subspace distance of U")
         ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        plotting.grid(ax, "both")
+    plotting.save(fig, path)
 
 
 def summary(results: dict) -> str:
@@ -367,3 +364,22 @@ def summary(results: dict) -> str:
             f"loss {exact['training_loss']:.4g}"
         )
     return "\n".join(lines)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Runs ``lrs dp`` with the parsed ``args``; returns the exit status."""
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    results = run(
+        out,
+        quick=args.quick,
+        seed=args.seed,
+        plot=args.plot,
+        benchmark=args.benchmark,
+        benchmark_only=args.benchmark_only,
+        progress=tqdm,
+    )
+    print(summary(results))
+    print(f"results: {out / 'privacy_utility.json'}")
+    return 0

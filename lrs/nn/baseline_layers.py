@@ -1,5 +1,8 @@
 """The adapters LRS is compared with, as NNX layers around an ``nnx.Linear``.
 
+* :class:`UserLoRALinear` (``personalize(..., method="lora")``): one LoRA
+  pair per user, ``x @ (W + A_u B_u) + bias``; ``r (in + out)`` floats per
+  user, two batched skinny matmuls with the gathered ``A_u``, ``B_u``.
 * :class:`UserHeadLinear` (``personalize(..., method="head")``): a dense
   per-user copy of the layer's kernel delta, ``x @ (W + D_u) + bias``. The
   storage worst case: ``in * out`` floats per user, and its forward gathers
@@ -15,10 +18,9 @@
   one user embedding for the whole model; wrapping layers one by one, each
   :class:`PLoRALinear` keeps its own ``(num_users, e)`` table.
 
-Soft prompts and user tokens are not here: they prepend positions to the
-model's input sequence (a change of the model's input and attention span),
-which wrapping a Linear cannot express; :mod:`lrs.nn.adapters` has them for
-the pure-JAX transformer.
+Soft prompts and user tokens prepend positions to the model's input
+sequence, which wrapping a Linear cannot express: they wrap the model's token
+``nnx.Embed`` instead (:mod:`lrs.nn.prompt_layers`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrs.nn.layers import (
+from lrs.nn.user_state import (
+    LinearAdapter,
     SharedParam,
-    UserAdapter,
     UserTable,
     base_shape,
     check_int,
@@ -37,10 +39,58 @@ from lrs.nn.layers import (
     resolve_ids,
 )
 
-__all__ = ["PLoRALinear", "UserHeadLinear"]
+__all__ = ["PLoRALinear", "UserHeadLinear", "UserLoRALinear"]
 
 
-class UserHeadLinear(UserAdapter):
+class UserLoRALinear(LinearAdapter):
+    """``x @ (W + A_u B_u) + bias``: one LoRA pair per user around ``nnx.Linear``.
+
+    ``A (num_users, in, r)`` starts i.i.d. normal with standard deviation
+    ``1 / sqrt(in)``, ``B (num_users, r, out)`` at zero (so the model starts at
+    its base). The forward gathers the batch's ``A_u``, ``B_u`` and applies
+    them as two batched matmuls; no ``(batch, in, out)`` array is formed.
+    """
+
+    method = "lora"
+    tables = ("A", "B")
+
+    def __init__(self, base, *, rank, num_users, rngs):
+        d_in, d_out = base_shape(base)
+        check_int("rank", rank, 1)
+        check_int("num_users", num_users, 1)
+        self.base = base
+        self.in_features, self.out_features, self.rank = d_in, d_out, rank
+        self.A = UserTable(self._init_a(num_users, rngs))
+        self.B = UserTable(jnp.zeros((num_users, rank, d_out), base.kernel.dtype))
+
+    def _init_a(self, count, rngs):
+        shape = (count, self.in_features, self.rank)
+        dtype = self.base.kernel.dtype
+        return jax.random.normal(rngs.params(), shape, dtype) / float(np.sqrt(shape[1]))
+
+    def settings(self) -> dict:
+        """``{"rank": r}``."""
+        return dict(rank=self.rank)
+
+    def new_rows(self, count: int, rngs) -> dict:
+        """Rows for ``count`` new users: ``A`` drawn from ``rngs``, ``B`` zero."""
+        B = jnp.zeros((count,) + self.B.shape[1:], self.B.dtype)
+        return dict(A=self._init_a(count, rngs), B=B)
+
+    def user_kernel(self, user_id) -> jax.Array:
+        """The dense ``(in, out)`` kernel ``W + A_u B_u`` of one user."""
+        u = self.check_user(user_id)
+        return self.base.kernel[...] + self.A[u] @ self.B[u]
+
+    def __call__(self, x, user_ids=None):
+        ids = resolve_ids(user_ids, x, self.num_users)
+        h = jnp.einsum("b...i,bia->b...a", x, gather_rows(self.A[...], ids))
+        return self.base(x) + jnp.einsum(
+            "b...a,bao->b...o", h, gather_rows(self.B[...], ids)
+        )
+
+
+class UserHeadLinear(LinearAdapter):
     """``x @ (W + D_u) + bias``: a dense per-user kernel delta (per-user head).
 
     ``D (num_users, in, out)`` starts at zero. Costs ``in * out`` floats per
@@ -83,15 +133,15 @@ def _uniform(key, shape, fan_in, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-class PLoRALinear(UserAdapter):
+class PLoRALinear(LinearAdapter):
     """``x @ W + bias + scale * (x A + e_u P) B``: user-conditioned LoRA (PLoRA).
 
     As PLoRA's ``Linear.forward``: ``A (in, r)`` and ``P (e, r)`` start
     uniform in ``+-1/sqrt(fan_in)``, ``B (r, out)`` and the user embeddings
     ``E (num_users, e)`` at zero, so the model starts at its base. ``A``,
-    ``B``, ``P`` are :class:`~lrs.nn.layers.SharedParam` (trained in the
+    ``B``, ``P`` are :class:`~lrs.nn.user_state.SharedParam` (trained in the
     shared phase; the base stays frozen under ``StepConfig(train="adapters")``),
-    ``E`` a :class:`~lrs.nn.layers.UserTable`. The product never forms a
+    ``E`` a :class:`~lrs.nn.user_state.UserTable`. The product never forms a
     ``(batch, in, out)`` array: ``x A`` is one matmul for the batch.
 
     Args:

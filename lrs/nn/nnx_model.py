@@ -1,11 +1,13 @@
 """Small Flax NNX models to personalize: a GPT-style transformer and an MLP.
 
 They know nothing about users; :func:`lrs.nn.personalize` wraps their
-``nnx.Linear`` s, and the user ids reach the wrapped layers through
-``with lrs.nn.users(ids):`` around the call. Random initialization only.
+``nnx.Linear`` s (and the GPT's token ``nnx.Embed``), and the user ids reach
+the wrapped layers through ``with lrs.nn.users(ids):`` around the call.
+Random initialization only.
 
 Linear paths of :class:`GPT` (for ``personalize``'s ``targets``):
-``blocks/{l}/attn/{q,k,v,o}``, ``blocks/{l}/mlp/{up,down}`` and ``head``.
+``blocks/{l}/attn/{q,k,v,o}``, ``blocks/{l}/mlp/{up,down}`` and ``head``;
+its ``nnx.Embed`` s: ``embed`` (tokens) and ``pos`` (positions).
 """
 
 from __future__ import annotations
@@ -90,7 +92,20 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """A decoder-only language model: ``tokens (b, t)`` -> logits ``(b, t, V)``."""
+    """A decoder-only language model: ``tokens (b, t)`` -> logits ``(b, t, V)``.
+
+    ``embed`` (the token ``nnx.Embed``) may return more positions than there
+    are tokens: ``(b, p + t, d)``, ``p`` per-user positions followed by the
+    ``t`` token embeddings (a soft prompt or a user token,
+    :mod:`lrs.nn.prompt_layers`, wrapped by ``personalize(model, "embed",
+    method="prompt" | "user_token", ...)``). The model then adds its
+    position embeddings to the ``t`` token positions only (they keep
+    positions ``0 .. t-1``, and ``t <= seq_len`` still bounds the input),
+    runs the causal blocks on all ``p + t`` positions (each token attends to
+    the whole prefix and the tokens up to it) and drops the ``p`` prefix
+    positions before ``ln_f`` and ``head``, so the logits keep their shape
+    ``(b, t, V)``. With ``p = 0`` this is the plain model.
+    """
 
     def __init__(self, config: GPTConfig, *, rngs, dtype=jnp.float32):
         self.config = config
@@ -110,10 +125,13 @@ class GPT(nnx.Module):
                 f"tokens must have at most seq_len = {self.config.seq_len} "
                 f"positions; got shape {tokens.shape}"
             )
-        x = self.embed(tokens) + self.pos(jnp.arange(t))
+        x = self.embed(tokens)
+        p = x.shape[-2] - t  # positions an embedding adapter put before the tokens
+        pos = self.pos(jnp.arange(t))
+        x = x + (jnp.pad(pos, ((p, 0), (0, 0))) if p else pos)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        return self.head(self.ln_f(x[:, p:] if p else x))
 
 
 class MLP(nnx.Module):

@@ -3,12 +3,14 @@
 A step on a batch ``(inputs, targets, user_ids)``:
 
 1. ``jnp.unique(user_ids, size=batch)`` gives the batch's distinct users; only
-   their rows of every :class:`~lrs.nn.layers.UserTable` are gathered (a
-   local table of ``batch`` rows; padding slots point past the end).
+   their rows of every :class:`~lrs.nn.user_state.UserTable` are gathered (a
+   local table of ``batch`` rows; padding slots point past the end). This
+   holds for every adapter, the soft prompts and user tokens of
+   :mod:`lrs.nn.prompt_layers` included: their rows are ``UserTable`` s.
 2. The loss is differentiated with respect to the trained shared parameters
    and the local rows. ``StepConfig.train`` selects the shared part:
    ``"all"`` (every ``nnx.Param``: base and adapters), ``"adapters"`` (only
-   :class:`~lrs.nn.layers.SharedParam`, the base frozen) or ``"users"`` (cold
+   :class:`~lrs.nn.user_state.SharedParam`, the base frozen) or ``"users"`` (cold
    start: nothing shared moves).
 3. Shared parameters take an optax step (``optax.adam(shared_lr)`` unless
    another optimizer is given). Rows take a plain SGD step with ``user_lr``:
@@ -38,17 +40,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lrs.nn.layers import (
-    LRSLinear,
-    SharedParam,
-    SparseProbe,
-    UserSupport,
-    UserTable,
-    adapter_layers,
-    sparse_dense,
-    users,
-)
+from lrs.nn.lrs_linear import LRSLinear, sparse_dense
 from lrs.nn.nnx_model import next_token_loss
+from lrs.nn.nnx_personalize import adapter_layers
+from lrs.nn.user_state import SharedParam, SparseProbe, UserSupport, UserTable, users
 
 __all__ = ["StepConfig", "TrainState", "evaluate", "init", "make_step", "update_model"]
 

@@ -3,7 +3,8 @@
 * :func:`add_users` appends rows for new users to every per-user table;
 * :func:`export_user` / :func:`import_user` move one user's rows (``V``,
   ``indices``, ``values`` of every LRS layer; ``A``, ``B`` of LoRA layers;
-  ``D`` of per-user heads; ``E`` of PLoRA layers: each adapter's ``tables``)
+  ``D`` of per-user heads; ``E`` of PLoRA layers and user tokens;
+  ``prompt`` of soft prompts: each adapter's ``tables``)
   as ``{"<layer path>/<name>": array}``;
 * :func:`save` / :func:`load` write and read the whole model state (base,
   shared factors, tables) with Orbax (``orbax.checkpoint``, tensorstore
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrs.nn.layers import adapter_layers
+from lrs.nn.nnx_personalize import adapter_layers
 
 __all__ = ["FORMAT_VERSION", "add_users", "export_user", "import_user", "load", "save"]
 
@@ -47,9 +48,10 @@ def num_users(model) -> int:
 def add_users(model, count: int, *, rngs=None) -> range:
     """Appends ``count`` users to every table; returns their ids.
 
-    New LRS, head and PLoRA rows are zero (the base model for those users);
-    new LoRA rows draw ``A`` from ``rngs`` (default ``nnx.Rngs(current number
-    of users)``).
+    New LRS, head, PLoRA and user-token rows are zero (the base model for
+    those users, but for the user token's extra position); new LoRA rows
+    draw ``A`` and new soft prompts their tokens' embeddings from ``rngs``
+    (default ``nnx.Rngs(current number of users)``).
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be an integer >= 1; got {count!r}")

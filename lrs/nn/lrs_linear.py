@@ -1,0 +1,152 @@
+"""The low-rank plus sparse NNX layer: :class:`LRSLinear` around an ``nnx.Linear``.
+
+``x @ (W + sum_j V[u, j] U_j + B_u) + bias`` for row ``b`` owned by user
+``u``, without forming any ``(batch, in, out)`` array: the shared factors are
+applied to the whole batch in one matmul and combined with each row's
+coefficients; the sparse part is a gather of ``k`` input columns and a
+scatter-add into ``k`` outputs per row. Out-of-range user ids are refused
+when the ids are concrete; under ``jit`` they give NaN outputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrs.nn.user_state import (
+    LinearAdapter,
+    SharedParam,
+    UserSupport,
+    UserTable,
+    base_shape,
+    check_int,
+    gather_rows,
+    resolve_ids,
+)
+
+__all__ = ["LRSLinear", "sparse_dense", "sparse_matmul"]
+
+
+def sparse_matmul(x, indices, values, out_features: int) -> jax.Array:
+    """Row ``b`` of ``x (batch, ..., in)`` times its own sparse ``(in, out)`` matrix.
+
+    ``indices (batch, k)`` are flat indices ``a * out + c`` into the kernel,
+    ``values (batch, k)`` its entries (repeated indices add up). Costs a gather
+    of ``k`` input columns and a scatter-add into ``k`` outputs per row.
+    """
+    rows, cols = indices // out_features, indices % out_features
+
+    def one(xb, rb, cb, vb):
+        contrib = jnp.take(xb, rb, axis=-1) * vb  # (..., k)
+        zeros = jnp.zeros(xb.shape[:-1] + (out_features,), contrib.dtype)
+        return zeros.at[..., cb].add(contrib)
+
+    return jax.vmap(one)(x, rows, cols, values)
+
+
+def sparse_dense(indices, values, in_features: int, out_features: int) -> jax.Array:
+    """The dense ``(users, in, out)`` matrices of sparse rows (repeats add up)."""
+    dense = jnp.zeros((indices.shape[0], in_features * out_features), values.dtype)
+    dense = jax.vmap(lambda d, i, v: d.at[i].add(v))(dense, indices, values)
+    return dense.reshape(indices.shape[0], in_features, out_features)
+
+
+class LRSLinear(LinearAdapter):
+    """``x @ (W + sum_j V[u, j] U_j + B_u) + bias`` around a base ``nnx.Linear``.
+
+    Args:
+      base: the wrapped ``nnx.Linear`` (kernel ``(in, out)``, optional bias);
+        kept as ``self.base`` with its own ``nnx.Param`` s.
+      rank: r >= 1, the number of shared directions ``U (r, in, out)``.
+      sparsity: k >= 0 entries per user in the sparse part ``B_u``
+        (``indices (num_users, k)`` flat into ``in * out``, ``values``).
+      num_users: rows of the per-user tables (``add_users`` grows them).
+      rngs: draws ``U``: i.i.d. normal with standard deviation
+        ``init_scale / sqrt(in)`` (a fresh kernel's scale for the default 1).
+      init_scale: see ``rngs``.
+
+    ``V`` and the sparse values start at zero, so a freshly personalized model
+    computes what its base computed. The initial support of every user is
+    ``0 .. k-1`` (values zero); training re-selects it (:mod:`lrs.nn.nnx_train`).
+    """
+
+    method = "lrs"
+    tables = ("V", "indices", "values")
+
+    def __init__(self, base, *, rank, sparsity, num_users, rngs, init_scale=1.0):
+        d_in, d_out = base_shape(base)
+        check_int("rank", rank, 1)
+        check_int("sparsity", sparsity, 0)
+        check_int("num_users", num_users, 1)
+        if sparsity > d_in * d_out:
+            raise ValueError(
+                f"sparsity must be <= in * out = {d_in * d_out}; got {sparsity}"
+            )
+        dtype = base.kernel.dtype
+        self.base = base
+        self.in_features, self.out_features = d_in, d_out
+        self.rank, self.sparsity = rank, sparsity
+        self.materialize = False  # benchmark only: build per-row kernels
+        scale = float(init_scale / np.sqrt(d_in))
+        self.U = SharedParam(
+            scale * jax.random.normal(rngs.params(), (rank, d_in, d_out), dtype)
+        )
+        self.V = UserTable(jnp.zeros((num_users, rank), dtype))
+        self.indices = UserSupport(
+            jnp.broadcast_to(
+                jnp.arange(sparsity, dtype=jnp.int32), (num_users, sparsity)
+            )
+        )
+        self.values = UserTable(jnp.zeros((num_users, sparsity), dtype))
+
+    def settings(self) -> dict:
+        """``{"rank": r, "sparsity": k}``."""
+        return dict(rank=self.rank, sparsity=self.sparsity)
+
+    def new_rows(self, count: int, rngs=None) -> dict:
+        """Rows for ``count`` new users: zero ``V`` and values, support ``0..k-1``."""
+        k = self.sparsity
+        return dict(
+            V=jnp.zeros((count, self.rank), self.V.dtype),
+            indices=jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (count, k)),
+            values=jnp.zeros((count, k), self.values.dtype),
+        )
+
+    def user_kernel(self, user_id) -> jax.Array:
+        """The dense ``(in, out)`` kernel of one user (for checks and export)."""
+        u = self.check_user(user_id)
+        low_rank = jnp.einsum("r,rio->io", self.V[u], self.U[...])
+        sparse = sparse_dense(
+            self.indices[u][None], self.values[u][None], *self.U.shape[1:]
+        )[0]
+        return self.base.kernel[...] + low_rank + sparse
+
+    def user_kernels(self, ids) -> jax.Array:
+        """The ``(batch, in, out)`` kernels of ``ids`` (materialized; benchmark)."""
+        low_rank = jnp.einsum("br,rio->bio", gather_rows(self.V[...], ids), self.U[...])
+        sparse = sparse_dense(
+            gather_rows(self.indices[...], ids),
+            gather_rows(self.values[...], ids),
+            *self.U.shape[1:],
+        )
+        return self.base.kernel[...] + low_rank + sparse
+
+    def __call__(self, x, user_ids=None):
+        ids = resolve_ids(user_ids, x, self.num_users)
+        if self.materialize:
+            y = jnp.einsum("b...i,bio->b...o", x, self.user_kernels(ids))
+            return y + self.base.bias[...] if self.base.bias is not None else y
+        y = self.base(x)
+        z = jnp.einsum("...i,rio->...ro", x, self.U[...])  # one matmul for all
+        y = y + jnp.einsum("b...ro,br->b...o", z, gather_rows(self.V[...], ids))
+        probe = getattr(self, "probe", None)
+        if probe is not None:  # training with support re-selection
+            return y + jnp.einsum("b...i,bio->b...o", x, probe[...][ids])
+        if self.sparsity:
+            idx, val = (
+                gather_rows(self.indices[...], ids),
+                gather_rows(self.values[...], ids),
+            )
+            y = y + sparse_matmul(x, idx, val, self.out_features)
+        return y

@@ -359,3 +359,42 @@ def test_subsampled_fit_uses_the_rdp_accountant(problem, config):
     assert set(record.clip_gradient) == {1.0} and set(record.clip_gram) == {5.0}
     # Fixed step clips: no step quantiles, only the moment's.
     assert record.compositions == 1 + mech.SEARCH_LEVELS + config.num_iters
+
+
+# ------------------------------------------------ public init / step
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_init_then_steps_is_the_fit(dtype):
+    """lrs.private.init + num_iters x lrs.private.step releases what
+    lrs.private.fit releases with the same key (same noise, same batches)."""
+    data, _ = lrs.synthetic.make_problem(
+        jax.random.key(5), d=D, t=60, m=M, r=R, k=K, noise=0.05, dtype=dtype
+    )
+    config = lrs.AMHTConfig(rank=R, sparsity=K, num_iters=3)
+    dp = private.DPConfig(epsilon=8.0, delta=1e-5, sampling_rate=0.5)
+    key = jax.random.key(11)
+    params, diag = private.fit(data, config, dp, key=key, transcript=True)
+    state, mechanism = private.init(data, config, dp, key=key)
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    np.testing.assert_allclose(state.U, diag.transcript.U[0], atol=tol)
+    for i in range(config.num_iters):
+        state, release = private.step(state, data, mechanism)
+        np.testing.assert_allclose(release.G, diag.transcript.G[i], rtol=tol, atol=tol)
+        np.testing.assert_allclose(release.U, diag.transcript.U[i + 1], atol=tol)
+    assert int(state.step) == config.num_iters
+    np.testing.assert_allclose(state.U, params.U, atol=tol)
+    with pytest.raises(ValueError, match="privacy budget is spent"):
+        private.step(state, data, mechanism)
+    # under jit the check cannot run: a spent budget releases NaN, never a
+    # second use of the last step's noise
+    _, spent = jax.jit(private.step, static_argnums=2)(state, data, mechanism)
+    assert np.isnan(np.asarray(spent.G)).all()
+
+
+def test_step_refuses_a_foreign_mechanism(problem, config):
+    data, _ = problem
+    dp = private.DPConfig(epsilon=4.0, delta=1e-5)
+    state, _ = private.init(data, config, dp, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="mechanism must be the lrs.private.Mechanism"):
+        private.step(state, data, config)

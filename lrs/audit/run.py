@@ -1,7 +1,7 @@
 """Canary audits of private AMHT-LRS at two levels.
 
 * ``level='step'``: one noisy aggregation of a shared step alone
-  (:func:`lrs.private.algorithm.noisy_step_statistics`) at a public U = U*,
+  (:func:`lrs.private.step`) at a public U = U*,
   with clip levels fixed in advance and its noise calibrated so that this one
   release spends ``epsilon``. The score is the likelihood-ratio projection of
   the released (G, H) onto the difference the canary makes. It tests the noise

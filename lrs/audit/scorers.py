@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrs import peruser
+from lrs import peruser, private
 from lrs.audit import transcript
 from lrs.audit.canary import AuditProblem, Neighbours
 from lrs.config import AMHTConfig
@@ -25,6 +25,7 @@ from lrs.private import accounting
 from lrs.private import algorithm as private_algorithm
 from lrs.private import mechanism as mech
 from lrs.private.config import DPConfig
+from lrs.private.statistics import usable_users
 
 #: The attackers of each level, in the order of the score columns.
 STEP_OBSERVERS = ("final",)
@@ -56,40 +57,41 @@ def _faulty(noise, fault):
 # ------------------------------------------------------------ one step
 
 
-def _step_draws(key, d: int, r: int, dtype) -> mech.StepDraws:
+def _step_draws(key, d: int, r: int, dtype) -> mech.NoiseDraws:
     """One step's noise, drawn as the fit draws it (float64, then cast)."""
     draws = mech.draw_noise(
         key, steps=1, d=d, r=r, num_users=1, quantile=0.5, z_histogram=0.0
     )
-    step = mech.step_draws(draws, 0)
-    return step._replace(G=step.G.astype(dtype), H=step.H.astype(dtype))
+    return jax.tree.map(lambda a: a if a.dtype == jnp.int32 else a.astype(dtype), draws)
 
 
-@functools.partial(jax.jit, static_argnames=("users", "skip_clip"))
-def _step_release(data, U, fit, key, noise, *, users, skip_clip):
-    """The audited release: noisy clipped ``(G, H)`` of one shared step."""
+def _mechanism(amht: AMHTConfig, users: int, skip_clip: bool) -> private.Mechanism:
+    """One shared step over all ``users`` (no subsampling), clipped unless
+    ``skip_clip`` (the 'no_clipping' fault), from a public U."""
+    return private.Mechanism(amht, users, skip_clip, False)
+
+
+@functools.partial(jax.jit, static_argnames=("amht", "users", "skip_clip"))
+def _step_release(data, U, fit, key, noise, *, amht, users, skip_clip):
+    """The audited release: noisy clipped ``(G, H)`` of one shared step, by
+    the public :func:`lrs.private.step` from a state at ``U``."""
     d, r = U.shape
-    G, H, _, _ = private_algorithm.noisy_step_statistics(
-        data,
-        U,
-        fit,
-        _step_draws(key, d, r, U.dtype),
-        mech.batch_key(key, 0),
-        noise,
-        users,
-        None,
-        skip_clip,
-    )
-    return G, H
+    _, eligible = usable_users(data, amht.rank + amht.sparsity)
+    zero = jnp.zeros((), jnp.int32)
+    draws = _step_draws(key, d, r, U.dtype)
+    state = private.PrivateState(zero, U, fit, eligible, noise, draws, key)
+    _, release = private.step(state, data, _mechanism(amht, users, skip_clip))
+    return release.G, release.H
 
 
-@functools.partial(jax.jit, static_argnames=("users", "skip_clip"))
-def _step_scores(keys, data, U, fit, noise, reference, *, users, skip_clip):
+@functools.partial(jax.jit, static_argnames=("amht", "users", "skip_clip"))
+def _step_scores(keys, data, U, fit, noise, reference, *, amht, users, skip_clip):
     """Likelihood-ratio scores ``<(G, H) - (G0, H0), (dG, dH)>`` in clip units."""
     G0, H0, dG, dH, clips = reference
 
     def score(key):
-        G, H = _step_release(data, U, fit, key, noise, users=users, skip_clip=skip_clip)
+        static = dict(amht=amht, users=users, skip_clip=skip_clip)
+        G, H = _step_release(data, U, fit, key, noise, **static)
         G, H = G.astype(jnp.float64), H.astype(jnp.float64)
         return jnp.sum((G - G0) / clips[0] * dG) + jnp.sum((H - H0) / clips[1] * dH)
 
@@ -102,7 +104,7 @@ def _step_setup(data_out, data_in, U, z, *, amht, users, skip_clip):
     fixed in advance), the noise levels and the noiseless releases' difference
     ``(dG, dH)`` in clip units. One program, D and D' side by side (vmap): a
     few compilations, not many."""
-    static = dict(users=users, skip_clip=skip_clip)
+    static = dict(amht=amht, users=users, skip_clip=skip_clip)
     both = jax.tree.map(lambda a, b: jnp.stack([a, b]), data_out, data_in)
     fits = jax.vmap(lambda data: peruser.per_user_step(data, U, None, amht))(both)
     fit_out = jax.tree.map(lambda a: a[0], fits)
@@ -144,13 +146,13 @@ def step_scorer(
     )
     z = accounting.calibrate(plan, config.epsilon, config.delta, "pld")
     claim = accounting.epsilon_spent(plan, z, config.delta, "pld")
-    static = dict(users=problem.t + 1, skip_clip=config.fault == "no_clipping")
+    skip_clip = config.fault == "no_clipping"
+    static = dict(amht=amht, users=problem.t + 1, skip_clip=skip_clip)
     fit_out, fit_in, noise, reference, sensitivity = _step_setup(
         neighbours.data_out,
         neighbours.data_in,
         U,
         jnp.asarray(z, jnp.float64),
-        amht=amht,
         **static,
     )
     loud = _faulty(noise, config.fault)

@@ -4,7 +4,16 @@ See docs/privacy.md for the model, the mechanism, its proof and the key tree.
 """
 
 from lrs.private.accounting import Plan, calibrate, epsilon_spent
-from lrs.private.algorithm import fit, noise_multiplier, plan_for
+from lrs.private.algorithm import (
+    Mechanism,
+    PrivateState,
+    StepRelease,
+    fit,
+    init,
+    noise_multiplier,
+    plan_for,
+    step,
+)
 from lrs.private.config import DPConfig
 from lrs.private.result import (
     NonPrivateDiagnostics,
@@ -16,15 +25,20 @@ from lrs.private.streaming import fit_streamed
 
 __all__ = [
     "DPConfig",
+    "Mechanism",
     "NonPrivateDiagnostics",
     "Plan",
     "PrivacyRecord",
     "PrivateDiagnostics",
+    "PrivateState",
+    "StepRelease",
     "Transcript",
     "calibrate",
     "epsilon_spent",
     "fit",
     "fit_streamed",
+    "init",
     "noise_multiplier",
     "plan_for",
+    "step",
 ]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from lrs import metrics, peruser, sharding
+from lrs import loop, metrics, peruser, sharding
 from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.linalg import orthonormalize
@@ -37,7 +37,6 @@ from lrs.private.releases import (  # noqa: F401  (re-exported for lrs.audit)
     NoiseLevels,
     init_clip,
     init_release,
-    noisy_step_statistics,
     release_init,
     release_step_statistics,
     step_noise,
@@ -72,49 +71,130 @@ from lrs.validation import (
 )
 
 __all__ = [
+    "Mechanism",
     "NonPrivateDiagnostics",
     "PrivacyRecord",
     "PrivateDiagnostics",
+    "PrivateState",
+    "StepRelease",
     "Transcript",
     "fit",
+    "init",
     "noise_multiplier",
     "plan_for",
+    "step",
 ]
+
+
+# ------------------------------------------------- the state and the step
+
+
+class Mechanism(NamedTuple):
+    """What a private fit releases and how: hashable, static under ``jit``.
+
+    Attributes:
+      config: the fit's :class:`lrs.AMHTConfig` (global rescue off).
+      batch: users drawn for each shared step (``batch_size``).
+      non_private: the debugging mode: no noise, no clipping.
+      private_init: the fit releases a private moment initialization (False:
+        it starts from a public ``U0`` or a public random U).
+    """
+
+    config: AMHTConfig
+    batch: int
+    non_private: bool
+    private_init: bool
+
+
+class PrivateState(NamedTuple):
+    """A private fit between two releases (a pytree: jit, vmap and shard it).
+
+    Everything in it but ``U`` is secret: the per-user fits stay with their
+    users, the key and the drawn noise with the curator.
+    """
+
+    step: jax.Array  # () int32: shared steps done (releases of U after U_0)
+    U: jax.Array  # (d, r): the last released U
+    fits: peruser.UserFit  # (t, ...) each user's local v_i, support, b_i
+    eligible: jax.Array  # (t,) bool: users whose data take part
+    noise: NoiseLevels  # noise multiplier and (fixed or chosen) clip levels
+    draws: mech.NoiseDraws  # every noise sample of the fit, drawn in advance
+    key: jax.Array  # the secret key (the batches of users)
+
+
+class StepRelease(NamedTuple):
+    """What one shared step released (and one exact, unreleased figure)."""
+
+    U: jax.Array  # (d, r): orth(U + G H^-1)
+    G: jax.Array  # (d, r): noisy clipped sum of X_i^T res_i v_i^T
+    H: jax.Array  # (r, r): noisy clipped sum of m_i v_i v_i^T
+    clips: jax.Array  # (2,): the clip levels of G and H
+    clipped_fraction: jax.Array  # (): users scaled down by clipping (NOT DP)
+
+
+def _init(data, mechanism: Mechanism, key, U0, noise, draws, axis=None):
+    """The initial :class:`PrivateState` and the initialization's release
+    ``(clip_moment, moment)`` (NaN and None when it releases nothing)."""
+    config = mechanism.config
+    chunk = peruser.chunk_size(data, config)
+    data, eligible = usable_users(data, config.rank + config.sparsity)
+    clip_moment, moment = jnp.full((), jnp.nan, data.X.dtype), None
+    U = U0
+    if mechanism.private_init:
+        U, clip_moment, moment = release_init(
+            data, eligible, config, noise, draws, chunk, mechanism.non_private, axis
+        )
+    fits = peruser.per_user_step(data, U, None, config, axis=axis)
+    zero = jnp.zeros((), jnp.int32)
+    state = PrivateState(zero, U, fits, eligible, noise, draws, key)
+    return state, clip_moment, moment
+
+
+def _step(state: PrivateState, data, mechanism: Mechanism, axis=None):
+    """Shared step ``state.step``: release ``(G, H)``, then ``U``, then each
+    user refits locally. Returns ``(state, StepRelease)``.
+
+    Past the budget (``state.step >= num_iters``) there is no fresh noise:
+    the release is NaN rather than a reuse of the last step's noise.
+    """
+    config, i = mechanism.config, state.step
+    data = data._replace(mask=data.mask & state.eligible[:, None])
+    G, H, clips, clipped = release_step_statistics(
+        data,
+        state.eligible,
+        state.U,
+        state.fits,
+        mech.step_draws(state.draws, jnp.minimum(i, config.num_iters - 1)),
+        mech.batch_key(state.key, i),
+        state.noise,
+        mechanism.batch,
+        peruser.chunk_size(data, config),
+        mechanism.non_private,
+        axis,
+    )
+    within = i < config.num_iters
+    G, H = (jnp.where(within, a, jnp.nan) for a in (G, H))
+    U = step_update(state.U, G, H, clips, state.noise.z)
+    fits = peruser.per_user_step(data, U, state.fits.support, config, axis=axis)
+    state = state._replace(step=i + 1, U=U, fits=fits)
+    return state, StepRelease(U, G, H, clips, clipped)
 
 
 # ----------------------------------------------------------------- the fit
 
 
-def _fit_program(
-    data,
-    config,
-    key,
-    U0,
-    truth,
-    noise,
-    draws,
-    batch,
-    non_private,
-    private_init,
-    axis=None,
-):
-    """The whole private fit; with ``axis``, inside ``shard_map`` on one device.
+def _fit_program(data, mechanism: Mechanism, key, U0, truth, noise, draws, axis=None):
+    """The whole private fit: :func:`_init`, then ``num_iters`` of
+    :func:`_step`; with ``axis``, inside ``shard_map`` on one device.
 
     ``key`` is the secret key (only the batches use it here: the noise comes
     in ``draws``). Returns ``(params, excluded, history, released)``.
     """
+    config = mechanism.config
     t_local, _, d = data.X.shape
-    chunk = peruser.chunk_size(data, config)
-    data, eligible = usable_users(data, config.rank + config.sparsity)
+    state, clip_moment, moment = _init(data, mechanism, key, U0, noise, draws, axis)
+    data = data._replace(mask=data.mask & state.eligible[:, None])
     nan = jnp.full((), jnp.nan, data.X.dtype)
-    moment = None
-    if private_init:
-        U, clip_moment, moment = release_init(
-            data, eligible, config, noise, draws, chunk, non_private, axis
-        )
-    else:
-        U, clip_moment = U0, nan
-    fits = peruser.per_user_step(data, U, None, config, axis=axis)
     num = jnp.maximum(psum(jnp.sum(data.mask), axis), 1)
     valid = valid_users(t_local, axis)
 
@@ -126,53 +206,45 @@ def _fit_program(
         num, den = psum((jnp.sum(diff * diff), jnp.sum(W_star * W_star)), axis)
         return jnp.sqrt(num) / jnp.sqrt(den)
 
-    def record(U_old, U, fits, G, H, clips, clipped):
-        V, B, excluded = local_outputs(fits, eligible, d)
+    def record(U_old, state, release: StepRelease):
+        U, fits = state.U, state.fits
+        V, B, excluded = local_outputs(fits, state.eligible, d)
         have = truth is not None
         sq = jnp.where(excluded, 0, fits.sq_residual)
         return dict(
             u_change=nan if U_old is None else metrics.subspace_distance(U_old, U),
             subspace_distance=metrics.subspace_distance(U, truth.U) if have else nan,
-            clip_gradient=clips[0],
-            clip_gram=clips[1],
+            clip_gradient=release.clips[0],
+            clip_gram=release.clips[1],
             loss=psum(jnp.sum(sq), axis) / num,
             relative_error=error(U, V, B) if have else nan,
-            clipped_fraction=clipped,
+            clipped_fraction=release.clipped_fraction,
             U=U,
-            G=G,
-            H=H,
+            G=release.G,
+            H=release.H,
         )
 
-    none_G, none_H = jnp.full_like(U, jnp.nan), jnp.full((U.shape[1],) * 2, nan)
-    first = record(None, U, fits, none_G, none_H, jnp.full((2,), nan), nan)
+    U = state.U
+    none = StepRelease(
+        U, jnp.full_like(U, jnp.nan), jnp.full((U.shape[1],) * 2, nan),
+        jnp.full((2,), nan), nan,
+    )  # fmt: skip
+    first = record(None, state, none)
     history = jax.tree.map(
         lambda a: jnp.zeros((config.num_iters + 1, *a.shape), a.dtype).at[0].set(a),
         first,
     )
 
     def body(i, carry):
-        U, fits, history = carry
-        G, H, clips, clipped = release_step_statistics(
-            data,
-            eligible,
-            U,
-            fits,
-            mech.step_draws(draws, i),
-            mech.batch_key(key, i),
-            noise,
-            batch,
-            chunk,
-            non_private,
-            axis,
-        )
-        U_new = step_update(U, G, H, clips, noise.z)
-        fits = peruser.per_user_step(data, U_new, fits.support, config, axis=axis)
-        entry = record(U, U_new, fits, G, H, clips, clipped)
+        state, history = carry
+        U_old = state.U
+        state, release = _step(state, data, mechanism, axis)
+        entry = record(U_old, state, release)
         history = jax.tree.map(lambda h, a: h.at[i + 1].set(a), history, entry)
-        return U_new, fits, history
+        return state, history
 
-    U, fits, history = jax.lax.fori_loop(0, config.num_iters, body, (U, fits, history))
-    V, B, excluded = local_outputs(fits, eligible, d)
+    state, history = loop.fori_loop(0, config.num_iters, body, (state, history))
+    V, B, excluded = local_outputs(state.fits, state.eligible, d)
     released = dict(
         U=history.pop("U"),
         G=history.pop("G")[1:],
@@ -180,28 +252,14 @@ def _fit_program(
         moment=moment,
         clip_moment=clip_moment,
     )
-    return LRSParams(U, V, B), excluded, history, released
+    return LRSParams(state.U, V, B), excluded, history, released
 
 
-_STATIC = ("config", "batch", "non_private", "private_init")
-_fit = jax.jit(_fit_program, static_argnames=(*_STATIC, "axis"))
+_fit = jax.jit(_fit_program, static_argnames=("mechanism", "axis"))
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "mesh", "t"))
-def _fit_sharded(
-    data,
-    config,
-    key,
-    U0,
-    truth,
-    noise,
-    draws,
-    batch,
-    non_private,
-    private_init,
-    mesh,
-    t: int,
-):
+@functools.partial(jax.jit, static_argnames=("mechanism", "mesh", "t"))
+def _fit_sharded(data, mechanism, key, U0, truth, noise, draws, mesh, t: int):
     """:func:`_fit_program` under ``shard_map``, users split over ``mesh``."""
     axis = UserAxis(sharding.AXIS, t)
     users, every = P(sharding.AXIS), P()
@@ -209,19 +267,7 @@ def _fit_sharded(
     truth_spec = None if truth is None else params_spec
 
     def local(data, key, U0, truth, noise, draws):
-        return _fit_program(
-            data,
-            config,
-            key,
-            U0,
-            truth,
-            noise,
-            draws,
-            batch,
-            non_private,
-            private_init,
-            axis,
-        )
+        return _fit_program(data, mechanism, key, U0, truth, noise, draws, axis)
 
     run = jax.shard_map(
         local,
@@ -320,6 +366,11 @@ class Prepared(NamedTuple):
     non_private: bool
     private_init: bool
     init_U: jax.Array | None  # a given, public starting U (``U0``)
+
+    @property
+    def mechanism(self) -> Mechanism:
+        """The static part: what the fit's program releases and how."""
+        return Mechanism(self.config, self.batch, self.non_private, self.private_init)
 
 
 def prepare(data: UserData, config: AMHTConfig, dp_config: DPConfig, U0=None):
@@ -430,22 +481,92 @@ def _run(
     """
     t, _, d = data.X.shape
     dtype = data.X.dtype
-    config = prepared.config
     U0 = initial_U(prepared, public_seed, d, dtype)
     draws = draw_noise(prepared, key, t, d, dtype)
-    args = (prepared.batch, prepared.non_private, prepared.private_init)
+    mechanism = prepared.mechanism
     if mesh is None:
-        return _fit(data, config, key, U0, truth, prepared.noise, draws, *args)
+        return _fit(data, mechanism, key, U0, truth, prepared.noise, draws)
     data = sharding.shard_data(data, mesh)
     if truth is not None:
         truth = sharding.shard_truth(truth, mesh)
-    out = _fit_sharded(
-        data, config, key, U0, truth, prepared.noise, draws, *args, mesh, t
-    )
+    out = _fit_sharded(data, mechanism, key, U0, truth, prepared.noise, draws, mesh, t)
     params, excluded, history, released = jax.tree.map(sharding.gathered, out)
     B = params.B
     B = SparseRows(B.indices[:t], B.values[:t], B.dim)
     return LRSParams(params.U, params.V[:t], B), excluded[:t], history, released
+
+
+_init_jit = jax.jit(_init, static_argnames=("mechanism",))
+_step_jit = jax.jit(_step, static_argnames=("mechanism",))
+
+
+def init(
+    data: UserData,
+    config: AMHTConfig,
+    dp_config: DPConfig,
+    *,
+    key,
+    public_seed: int = 0,
+    U0=None,
+) -> tuple[PrivateState, Mechanism]:
+    """The private fit up to its first release: ``(state, mechanism)``.
+
+    The same checks, calibration (for ``config.num_iters`` shared steps) and
+    noise as :func:`fit`, then the initialization's release (the private
+    moment initialization, or the public ``U0`` / random U) and every user's
+    local fit. Drive the fit with :func:`step`, ``num_iters`` times at most;
+    ``init`` + ``num_iters`` steps is :func:`fit`'s computation (same key,
+    same releases). The privacy record of the whole budget is
+    :func:`fit`'s; here :func:`plan_for` and ``state.noise.z`` give it.
+
+    Args: as in :func:`fit`.
+
+    Returns:
+      ``(PrivateState, Mechanism)``: ``state.U (d, r)`` is the released
+      ``U_0``; the mechanism is static (pass it to :func:`step`).
+
+    Raises:
+      ValueError: as :func:`fit`.
+    """
+    key = check_key(key)
+    public_seed = check_public_seed(public_seed)
+    prepared, data = prepare(data, config, dp_config, U0)
+    t, _, d = data.X.shape
+    dtype = data.X.dtype
+    U_start = initial_U(prepared, public_seed, d, dtype)
+    draws = draw_noise(prepared, key, t, d, dtype)
+    mechanism = prepared.mechanism
+    state, _, _ = _init_jit(data, mechanism, key, U_start, prepared.noise, draws)
+    return state, mechanism
+
+
+def step(
+    state: PrivateState, data: UserData, mechanism: Mechanism
+) -> tuple[PrivateState, StepRelease]:
+    """One shared step of the private fit: ``(state, StepRelease)``.
+
+    Releases the noisy clipped ``(G, H)`` of the users in this step's batch
+    and ``U <- orth(U + G H^-1)``; each user then refits ``v_i, b_i``
+    locally. Mirrors :func:`lrs.step`; jit-compatible (``mechanism`` static).
+    ``data`` must be the data :func:`init` saw.
+
+    Raises:
+      ValueError: when the budget is spent (``state.step >= num_iters``: no
+        fresh noise is left; under ``jit`` the release is NaN instead).
+    """
+    if not isinstance(mechanism, Mechanism):
+        raise ValueError(
+            "mechanism must be the lrs.private.Mechanism returned by "
+            f"lrs.private.init; got {type(mechanism).__name__}"
+        )
+    done, budget = state.step, mechanism.config.num_iters
+    if not isinstance(done, jax.core.Tracer) and int(done) >= budget:
+        raise ValueError(
+            f"the privacy budget is spent: {int(done)} of num_iters = {budget} "
+            "shared steps done (init again, with a fresh key and a budget for "
+            "more steps)"
+        )
+    return _step_jit(state, data, mechanism)
 
 
 def check_public_seed(public_seed) -> int:

@@ -21,7 +21,6 @@ from lrs.private.statistics import (
     moment_sum,
     step_norms,
     step_sums,
-    usable_users,
 )
 from lrs.sharding import UserAxis, first_user, psum
 
@@ -166,19 +165,3 @@ def release_step_statistics(
     )
     G, H = step_noise(draws, G, H, clips, noise.z)
     return G, H, clips, clipped
-
-
-def noisy_step_statistics(
-    data, U, fits, draws, batch_key, noise, batch, chunk, non_private
-):
-    """The Gaussian release of one shared step, before post-processing.
-
-    ``draws`` is a :class:`lrs.private.mechanism.StepDraws`. Returns ``(G (d,
-    r), H (r, r), clips (2,), clipped_fraction)``: the noisy clipped sums of
-    ``G_i`` and ``H_i`` and the clip levels used. Only ``clipped_fraction`` is
-    not released. :mod:`lrs.audit` audits this function on its own.
-    """
-    data, eligible = usable_users(data, fits.v.shape[1] + fits.support.shape[1])
-    return release_step_statistics(
-        data, eligible, U, fits, draws, batch_key, noise, batch, chunk, non_private
-    )

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrs import amht, loop, metrics, peruser, shared
+from lrs import amht, loop, metrics, peruser, sharding, shared
 from lrs.config import AMHTConfig
 from lrs.data import UserData, float_dtype
 from lrs.errors import raise_if_nonfinite
@@ -136,12 +136,29 @@ def _error_chunk(U, V, idx, val, U_star, V_star, idx_star, val_star):
 
 class _Stream:
     """Host data cut into chunks of ``c`` users, the last one padded with
-    empty users (no samples), so every chunk has one shape."""
+    empty users (no samples), so every chunk has one shape.
 
-    def __init__(self, data: UserData, c: int):
+    With a ``mesh``, each chunk is split over the mesh's ``'users'`` devices
+    (``c`` rounded up to a multiple of them): every device receives and
+    computes on its own users of the chunk, and each per-chunk program runs
+    on all devices at once (jit partitions it by its inputs' sharding; the
+    sums over users become cross-device reductions).
+    """
+
+    def __init__(self, data: UserData, c: int, mesh=None):
         self.data = data
         self.t, self.m, self.d = data.X.shape
         self.c = min(c, self.t)
+        self.mesh, self.placement = mesh, None
+        if mesh is not None:
+            self.c = sharding.padded_users(self.c, sharding.check_mesh(mesh))
+            # Auto axes: jit partitions each per-chunk program by its inputs
+            # (an Explicit mesh, jax.make_mesh's default, would instead ask
+            # every sum over users for an output sharding).
+            auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+            mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+            spec = jax.sharding.PartitionSpec(sharding.AXIS)
+            self.placement = jax.sharding.NamedSharding(mesh, spec)
         self.dtype = float_dtype(data.X.dtype)
         self.starts = range(0, self.t, self.c)
 
@@ -155,7 +172,7 @@ class _Stream:
             out += [_padded(y, rows, n, self.c, self.dtype)]
             out += [_padded(mask, rows, n, self.c, bool)]
         out += [_padded(a, rows, n, self.c, a.dtype) for a in per_user]
-        return jax.device_put(out)
+        return jax.device_put(out, self.placement)
 
     def chunks(self, *per_user, users=None, data=True) -> Iterator[tuple[object, list]]:
         """Yields ``(rows, device arrays)`` chunk by chunk.
@@ -216,6 +233,7 @@ def fit(
     U0=None,
     callback: Callable[[int, amht.AMHTInfo], None] | None = None,
     truth: LRSParams | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """:func:`lrs.fit` with the data on the host, streamed in chunks of users.
 
@@ -231,6 +249,11 @@ def fit(
       callback: as in :func:`lrs.fit`; it runs on the host between iterations,
         and an exception it raises stops the fit.
       truth: as in :func:`lrs.fit`.
+      mesh: a ``jax.sharding.Mesh`` with an axis ``'users'`` (one process):
+        each chunk is split over its devices, so data larger than all the
+        devices' memory streams to several devices at once (``chunk_users``
+        is rounded up to a multiple of the devices). ``None``: the default
+        device.
 
     Returns:
       ``(params, diagnostics)`` as :func:`lrs.fit`, equal to it up to rounding;
@@ -241,7 +264,9 @@ def fit(
       FitError: if the iterates become non-finite.
     """
     config, U0 = _check(data, config, chunk_users, truth, U0)
-    stream = _Stream(data, int(chunk_users))
+    if mesh is not None:
+        sharding.check_mesh(mesh)
+    stream = _Stream(data, int(chunk_users), mesh)
     key = check_key(key, default=jax.random.key(0))
     scale = _label_scale(stream)
     state = _HostState(stream.t, config.rank, config.sparsity, stream.dtype)
@@ -367,7 +392,7 @@ def _per_user_step(stream, state: _HostState, scale, config, steps, cold: bool):
         return
     worst = np.sort(np.asarray(worst))  # streamed in index order
     starts = ("cold", "l1") if config.l1_steps > 0 else ("cold",)
-    rescue = _Stream(stream.data, min(stream.c, n))  # no padding past n users
+    rescue = _Stream(stream.data, min(stream.c, n), stream.mesh)  # c <= n users
     pending = None
     for rows, (X, y, mask, *current) in rescue.chunks(*state.fits(), users=worst):
         _drain(pending, state.fits())

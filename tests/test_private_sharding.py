@@ -50,7 +50,12 @@ _SCRIPT = textwrap.dedent(
         one, d1 = private.fit(data, config, dp, key=key, **full)
         four, d4 = private.fit(data, config, dp, key=key, mesh=mesh, **full)
         p1, p4 = d1.privacy, d4.privacy
+        host = lrs.UserData.from_host(*(np.asarray(a) for a in data))
+        streamed, _ = private.fit_streamed(
+            host, config, dp, key=key, chunk_users=5, mesh=mesh
+        )
         out[name] = dict(
+            streamed=float(np.abs(lrs.weights(one) - lrs.weights(streamed)).max()),
             U=float(np.abs(one.U - four.U).max()),
             V=float(np.abs(one.V - four.V).max()),
             weights=float(np.abs(lrs.weights(one) - lrs.weights(four)).max()),
@@ -110,6 +115,7 @@ def test_sharded_private_fit_equals_single_device_fit_on_four_cpu_devices(case):
         assert res["clipped"] == 0.0
         assert res["transcript"] < 1e-6 and res["excluded"]
         assert res["shapes"] == [[21, 2], [21, 1]]  # padded users trimmed
+        assert res["streamed"] < 1e-6  # streamed, each chunk over 4 devices
 
 
 def test_private_mesh_must_be_a_mesh_with_a_users_axis():

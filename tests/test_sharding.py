@@ -47,7 +47,14 @@ _SCRIPT = textwrap.dedent(
     four, d4 = lrs.fit(
         data, config, truth=truth, mesh=mesh, callback=lambda i, _: seen.append(i)
     )
+    host = lrs.UserData.from_host(*(np.asarray(a) for a in data))
+    # chunks of 5 users become 8 (two per device); 21 users: 3 chunks
+    streamed, ds = lrs.fit_streamed(
+        host, config, chunk_users=5, truth=truth, mesh=mesh
+    )
     print(json.dumps(dict(
+        streamed=float(np.abs(lrs.weights(one) - lrs.weights(streamed)).max()),
+        streamed_stop=[d1.stop_code.tolist(), ds.stop_code.tolist()],
         weights=float(np.abs(lrs.weights(one) - lrs.weights(four)).max()),
         U=float(np.abs(one.U - four.U).max()),
         error=float(np.abs(d1.relative_error - d4.relative_error).max()),
@@ -61,7 +68,9 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_fit_equals_single_device_fit_on_four_cpu_devices():
+def test_sharded_fits_equal_single_device_fit_on_four_cpu_devices():
+    """lrs.fit(mesh=) and lrs.fit_streamed(mesh=) on four devices equal the
+    single-device fit."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         "--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false"
@@ -83,6 +92,9 @@ def test_sharded_fit_equals_single_device_fit_on_four_cpu_devices():
     assert out["shapes"] == [[21, 2], [21, 1]]  # padded users trimmed
     assert out["seen"] == [0, 1, 2, 3]  # the callback runs once per iteration
     assert out["data_unchanged"]
+    # streamed and sharded: each chunk split over the four devices
+    assert out["streamed"] < 1e-10
+    assert out["streamed_stop"][0] == out["streamed_stop"][1]
 
 
 def test_mesh_must_be_a_mesh_with_a_users_axis(small_problem):

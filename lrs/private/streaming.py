@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrs import metrics, peruser
+from lrs import metrics, peruser, sharding
 from lrs.config import AMHTConfig
 from lrs.data import UserData
 from lrs.params import LRSParams, SparseRows
@@ -197,6 +197,7 @@ def fit_streamed(
     callback: Callable[[int, dict], None] | None = None,
     transcript: bool = False,
     nonprivate_diagnostics: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """:func:`lrs.private.fit` with the data on the host, streamed in chunks.
 
@@ -222,6 +223,8 @@ def fit_streamed(
         ``>= t`` means one chunk).
       callback: ``callback(iteration, info)`` after the fit, once per
         iteration, as in :func:`lrs.private.fit`.
+      mesh: as in :func:`lrs.fit_streamed`: each chunk split over the
+        mesh's ``'users'`` devices (one process).
 
     Returns:
       ``(params, diagnostics)`` as :func:`lrs.private.fit`; ``U`` is a JAX
@@ -234,8 +237,10 @@ def fit_streamed(
     key = check_key(key)
     public_seed = alg.check_public_seed(public_seed)
     check_integer("chunk_users", chunk_users, 1)
+    if mesh is not None:
+        sharding.check_mesh(mesh)
     prepared, data = alg.prepare(data, config, dp_config, U0)
-    stream = _Stream(data, int(chunk_users))
+    stream = _Stream(data, int(chunk_users), mesh)
     t, d = stream.t, stream.d
     if truth is not None:
         check_truth(truth, t, d)

@@ -34,10 +34,10 @@ from lrs.nn.user_state import (
     SharedParam,
     UserTable,
     base_shape,
-    check_int,
     gather_rows,
     resolve_ids,
 )
+from lrs.validation import check_integer
 
 __all__ = ["PLoRALinear", "UserHeadLinear", "UserLoRALinear"]
 
@@ -56,8 +56,8 @@ class UserLoRALinear(LinearAdapter):
 
     def __init__(self, base, *, rank, num_users, rngs):
         d_in, d_out = base_shape(base)
-        check_int("rank", rank, 1)
-        check_int("num_users", num_users, 1)
+        check_integer("rank", rank, 1)
+        check_integer("num_users", num_users, 1)
         self.base = base
         self.in_features, self.out_features, self.rank = d_in, d_out, rank
         self.A = UserTable(self._init_a(num_users, rngs))
@@ -108,7 +108,7 @@ class UserHeadLinear(LinearAdapter):
 
     def __init__(self, base, *, num_users, rngs=None):
         d_in, d_out = base_shape(base)
-        check_int("num_users", num_users, 1)
+        check_integer("num_users", num_users, 1)
         self.base = base
         self.in_features, self.out_features = d_in, d_out
         self.D = UserTable(jnp.zeros((num_users, d_in, d_out), base.kernel.dtype))
@@ -158,9 +158,9 @@ class PLoRALinear(LinearAdapter):
 
     def __init__(self, base, *, rank, embed_dim, num_users, rngs, scale=1.0):
         d_in, d_out = base_shape(base)
-        check_int("rank", rank, 1)
-        check_int("embed_dim", embed_dim, 1)
-        check_int("num_users", num_users, 1)
+        check_integer("rank", rank, 1)
+        check_integer("embed_dim", embed_dim, 1)
+        check_integer("num_users", num_users, 1)
         dtype = base.kernel.dtype
         self.base = base
         self.in_features, self.out_features = d_in, d_out

@@ -20,10 +20,10 @@ from lrs.nn.user_state import (
     UserSupport,
     UserTable,
     base_shape,
-    check_int,
     gather_rows,
     resolve_ids,
 )
+from lrs.validation import check_integer
 
 __all__ = ["LRSLinear", "sparse_dense", "sparse_matmul"]
 
@@ -76,9 +76,9 @@ class LRSLinear(LinearAdapter):
 
     def __init__(self, base, *, rank, sparsity, num_users, rngs, init_scale=1.0):
         d_in, d_out = base_shape(base)
-        check_int("rank", rank, 1)
-        check_int("sparsity", sparsity, 0)
-        check_int("num_users", num_users, 1)
+        check_integer("rank", rank, 1)
+        check_integer("sparsity", sparsity, 0)
+        check_integer("num_users", num_users, 1)
         if sparsity > d_in * d_out:
             raise ValueError(
                 f"sparsity must be <= in * out = {d_in * d_out}; got {sparsity}"

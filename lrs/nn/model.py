@@ -21,6 +21,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from lrs.validation import check_integer
+
 __all__ = ["TransformerConfig", "apply", "init", "weight_names", "weight_shape"]
 
 
@@ -50,13 +52,9 @@ class TransformerConfig:
 
     def __post_init__(self):
         for name in ("vocab", "seq_len", "num_classes", "d_model", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+            check_integer(name, getattr(self, name), 1)
         for name in ("num_layers", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+            check_integer(name, getattr(self, name), 0)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"num_heads must divide d_model = {self.d_model}; "

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lrs.validation import check_integer
+
 __all__ = ["GPT", "GPTConfig", "MLP", "next_token_loss"]
 
 
@@ -34,9 +36,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field.name} must be an integer >= 1; got {value!r}")
+            check_integer(field.name, getattr(self, field.name), 1)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"num_heads must divide d_model = {self.d_model}; "

@@ -27,6 +27,7 @@ import numpy as np
 from lrs.linalg import hard_threshold
 from lrs.nn.model import TransformerConfig, apply, weight_shape
 from lrs.params import scatter_rows
+from lrs.validation import check_integer
 
 __all__ = [
     "LRSLayerConfig",
@@ -61,9 +62,7 @@ class LRSLayerConfig:
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers must be distinct; got {self.layers!r}")
         for name in ("rank", "sparsity"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+            check_integer(name, getattr(self, name), 0)
 
     def check(self, model: TransformerConfig) -> int:
         """Validates the layers against ``model``; returns ``P`` (ValueError)."""

@@ -43,10 +43,10 @@ from lrs.nn.user_state import (
     SharedParam,
     UserAdapter,
     UserTable,
-    check_int,
     gather_rows,
     resolve_ids,
 )
+from lrs.validation import check_integer
 
 __all__ = ["EmbedAdapter", "UserPromptEmbed", "UserTokenEmbed"]
 
@@ -63,7 +63,7 @@ class EmbedAdapter(UserAdapter):
     def _set_base(self, base, num_users) -> None:
         if not isinstance(base, nnx.Embed):
             raise ValueError(f"base must be an nnx.Embed; got {type(base).__name__}")
-        check_int("num_users", num_users, 1)
+        check_integer("num_users", num_users, 1)
         self.base = base
         self.num_embeddings, self.features = base.num_embeddings, base.features
 
@@ -117,7 +117,7 @@ class UserPromptEmbed(EmbedAdapter):
 
     def __init__(self, base, *, length, num_users, rngs):
         self._set_base(base, num_users)
-        check_int("length", length, 1)
+        check_integer("length", length, 1)
         self.prompt_length = length
         self.prompt = UserTable(self._sampled(num_users, rngs))
 
@@ -166,7 +166,7 @@ class UserTokenEmbed(EmbedAdapter):
 
     def __init__(self, base, *, embed_dim, num_users, rngs):
         self._set_base(base, num_users)
-        check_int("embed_dim", embed_dim, 1)
+        check_integer("embed_dim", embed_dim, 1)
         dtype = base.embedding.dtype
         self.embed_dim = embed_dim
         shape = (embed_dim, self.features)

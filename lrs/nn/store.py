@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from lrs.nn.nnx_personalize import adapter_layers
+from lrs.validation import check_integer
 
 __all__ = ["FORMAT_VERSION", "add_users", "export_user", "import_user", "load", "save"]
 
@@ -53,8 +54,7 @@ def add_users(model, count: int, *, rngs=None) -> range:
     draw ``A`` and new soft prompts their tokens' embeddings from ``rngs``
     (default ``nnx.Rngs(current number of users)``).
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an integer >= 1; got {count!r}")
+    check_integer("count", count, 1)
     start = num_users(model)
     rngs = nnx.Rngs(start) if rngs is None else rngs
     for layer in adapter_layers(model).values():

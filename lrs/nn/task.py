@@ -26,6 +26,7 @@ import numpy as np
 
 from lrs.nn.model import TransformerConfig, apply, init, weight_shape
 from lrs.nn.personalized import flat_size, split_flat
+from lrs.validation import check_integer
 
 __all__ = ["Split", "Task", "TaskConfig", "make_task"]
 
@@ -62,13 +63,9 @@ class TaskConfig:
         if self.kind not in ("lrs", "dense"):
             raise ValueError(f"kind must be 'lrs' or 'dense'; got {self.kind!r}")
         for name in ("num_users", "num_new_users", "samples_per_user", "test_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+            check_integer(name, getattr(self, name), 1)
         for name in ("val_samples", "rank", "sparsity"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+            check_integer(name, getattr(self, name), 0)
 
 
 class Split(NamedTuple):

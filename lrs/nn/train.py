@@ -34,6 +34,7 @@ import optax
 
 from lrs.nn.model import TransformerConfig, apply
 from lrs.nn.personalized import _check_tokens
+from lrs.validation import check_integer, check_real
 
 __all__ = [
     "TrainConfig",
@@ -68,19 +69,15 @@ class TrainConfig:
     progress_updates: int = 10
 
     def __post_init__(self):
-        for name in ("steps", "users_per_batch", "samples_per_user"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        for name in (
+            "steps",
+            "users_per_batch",
+            "samples_per_user",
+            "progress_updates",
+        ):
+            check_integer(name, getattr(self, name), 1)
         for name in ("lr", "lr_user", "lr_sparse"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0; got {value!r}")
-        updates = self.progress_updates
-        if not isinstance(updates, int) or updates < 1:
-            raise ValueError(
-                f"progress_updates must be an integer >= 1; got {updates!r}"
-            )
+            check_real(name, getattr(self, name), "a finite number >= 0", low=0)
 
 
 class TrainResult(NamedTuple):

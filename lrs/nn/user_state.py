@@ -43,7 +43,6 @@ __all__ = [
     "UserTable",
     "apply",
     "base_shape",
-    "check_int",
     "gather_rows",
     "resolve_ids",
     "users",
@@ -83,14 +82,6 @@ def apply(model, inputs, user_ids, *args, **kwargs):
     """``model(inputs, *args, **kwargs)``, row ``b`` owned by user ``user_ids[b]``."""
     with users(user_ids):
         return model(inputs, *args, **kwargs)
-
-
-def check_int(name, value, low):
-    """ValueError naming ``name`` unless ``value`` is an integer ``>= low``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
 
 
 def resolve_ids(user_ids, x, num_users: int) -> jax.Array:

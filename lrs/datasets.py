@@ -268,15 +268,27 @@ def split_ratings(
 
 
 def _als_side(rows, cols, values, n_rows, other, reg):
-    """Ridge solve per row: ``(sum_j o_j o_j^T + reg n_r I) p_r = sum_j v_j o_j``."""
+    """Ridge solve per row: ``(sum_j o_j o_j^T + reg n_r I) p_r = sum_j v_j o_j``.
+
+    The per-row sums are a sparse (rows x ratings) indicator matrix times the
+    ratings' outer products, 100,000 ratings at a time (``np.add.at`` took 27
+    of the 42 s of loading an ML-1M-size file).
+    """
+    from scipy import sparse
+
     f = other.shape[1]
-    G = np.zeros((n_rows, f, f))
+    G = np.zeros((n_rows, f * f))
     h = np.zeros((n_rows, f))
     for start in range(0, len(rows), 100_000):
         part = slice(start, start + 100_000)
         o = other[cols[part]]
-        np.add.at(G, rows[part], o[:, :, None] * o[:, None, :])
-        np.add.at(h, rows[part], values[part, None] * o)
+        n = o.shape[0]
+        rows_of = sparse.csr_matrix(
+            (np.ones(n), (rows[part], np.arange(n))), shape=(n_rows, n)
+        )
+        G += rows_of @ (o[:, :, None] * o[:, None, :]).reshape(n, f * f)
+        h += rows_of @ (values[part, None] * o)
+    G = G.reshape(n_rows, f, f)
     counts = np.bincount(rows, minlength=n_rows)
     G += (reg * np.maximum(counts, 1))[:, None, None] * np.eye(f)
     return np.linalg.solve(G, h[..., None])[..., 0]

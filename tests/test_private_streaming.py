@@ -79,7 +79,9 @@ def _assert_same(streamed, in_memory):
         )
 
 
-@pytest.mark.parametrize("chunk_users", [3, 1, T + 5])
+@pytest.mark.parametrize(
+    "chunk_users", [pytest.param(3, marks=pytest.mark.slow), 1, T + 5]
+)
 def test_streamed_equals_the_in_memory_private_fit(problem, config, chunk_users):
     data, truth = problem
     dp = private.DPConfig(epsilon=2.0, delta=1e-5)

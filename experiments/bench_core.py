@@ -3,6 +3,7 @@
     python experiments/bench_core.py --out bench-out       # P0 + noise, x64 and f32
     python experiments/bench_core.py --p1 --out bench-out  # + P1 (4 GB, minutes)
     python experiments/bench_core.py --quick --out /tmp/b  # smoke test
+    python experiments/bench_core.py --parts --out /tmp/b  # where a P0 fit's time goes
 
 Prints one summary line per target and writes ``bench_core.json`` under ``--out``.
 Times are wall-clock on whatever machine runs this; the portable figure is the
@@ -12,11 +13,15 @@ ratio to one *data pass* (X_i^T (X_i w_i) for all users), measured in the same r
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
 import os
 import platform
+import re
 import resource
 import sys
+import tempfile
 import time
 
 from lrs._xla import avoid_cpu_deadlock
@@ -211,6 +216,164 @@ def run_p1(sizes, seed, iters):
     )
 
 
+# ------------------------------------------------- where a fit's time goes
+
+# The parts of a fit, each named by functions of lrs that the XLA ops' source
+# stacks pass through; an op counts for the first part any of whose functions
+# is on its stack (so the rescue's own pursuit counts as rescue).
+PARTS = (
+    ("per-user: rescue", ("rescue", "_rescue_worst", "rescue_masked", "l1_support")),
+    ("diagnostics vs truth", ("_with_truth",)),
+    ("shared: right-hand side, A(U)", ("_rhs", "rhs_and_product")),
+    ("shared: CG products", ("normal_operator", "_dense_normal_matrix")),
+    ("shared: CG, QR, rest", ("_shared_update", "update_U")),
+    ("init: moment matrix, SVD", ("initial_U", "moment_init")),
+    ("init: cold supports", ("cold_supports",)),
+    ("per-user: pursuit steps", ("_pursuit_step", "pursuit_step")),
+    ("per-user: refit on the warm support", ("_pursue", "pursue")),
+    ("per-user: X_i U and the rest", ("per_user_step", "fit_users", "pursue_chunk")),
+    ("loop, state, U change", ("_state", "_iterate", "iterate")),
+)
+UNATTRIBUTED = "ops without a source stack (made by XLA: mostly CG products)"
+EXECUTOR = "XLA runtime: dispatch of ops, thread pool"
+
+
+def _hlo_stacks(text: str) -> dict:
+    """``{instruction name: [function names, innermost first]}`` from a
+    compiled module's text (its FileNames / FunctionNames / FileLocations /
+    StackFrames tables)."""
+
+    def table(name):
+        start = text.find("\n" + name + "\n")
+        rows = {}
+        if start < 0:
+            return rows
+        for line in text[start + len(name) + 2 :].splitlines():
+            row = re.match(r"^(\d+) (.*)$", line)
+            if not row:
+                break
+            rows[int(row.group(1))] = row.group(2)
+        return rows
+
+    functions = {k: v.strip('"') for k, v in table("FunctionNames").items()}
+    locations = {
+        k: int(re.search(r"function_name_id=(\d+)", v).group(1))
+        for k, v in table("FileLocations").items()
+    }
+    frames = {
+        k: (
+            int(re.search(r"file_location_id=(\d+)", v).group(1)),
+            int(re.search(r"parent_frame_id=(\d+)", v).group(1)) - 1,
+        )
+        for k, v in table("StackFrames").items()
+    }
+
+    def stack(frame):
+        names = []
+        while frame > 0 and len(names) < 100:
+            location, frame = frames[frame]
+            names.append(functions[locations[location]])
+        return names
+
+    stacks = {}
+    for line in text.splitlines():
+        inst = re.match(r"^\s*(?:ROOT )?%(\S+) = .*?stack_frame_id=(\d+)", line)
+        if inst:
+            stacks[inst.group(1)] = stack(int(inst.group(2)))
+    return stacks
+
+
+def _part(stack) -> str:
+    if not stack:
+        return UNATTRIBUTED
+    for label, names in PARTS:
+        if any(f == n or f.startswith(n + ".") for f in stack for n in names):
+            return label
+    return "other"
+
+
+def _self_times(path: str, window: str) -> collections.Counter:
+    """Milliseconds of XLA op self time (nested ops excluded) by op name,
+    over the ops that start inside a ``jax.profiler.TraceAnnotation(window)``."""
+    profile = jax.profiler.ProfileData.from_file(path)
+    spans = [
+        (e.start_ns, e.end_ns)
+        for plane in profile.planes
+        for line in plane.lines
+        for e in line.events
+        if e.name == window
+    ]
+    out = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:
+                continue
+            events = sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns))
+            open_, own = [], {}
+            for i, event in enumerate(events):
+                while open_ and events[open_[-1]].end_ns <= event.start_ns:
+                    open_.pop()
+                if open_:
+                    parent = open_[-1]
+                    own[parent] = own.get(parent, events[parent].duration_ns)
+                    own[parent] -= event.duration_ns
+                own.setdefault(i, event.duration_ns)
+                open_.append(i)
+            for i, event in enumerate(events):
+                if any(a <= event.start_ns < b for a, b in spans):
+                    out[event.name] += own[i] / 1e6
+    return out
+
+
+def fit_parts(sizes, seed, dtype, rounds=3):
+    """Data-pass units of each part of a fit to the iteration reaching 1e-4.
+
+    Traces ``rounds`` fits and ``3 rounds`` data passes with the JAX profiler
+    and attributes each XLA op's self time to a part of the algorithm by the
+    functions on its source stack (``PARTS``). Op times add up to about the
+    wall time on 2 cores; the split is the figure, not the sum.
+    """
+    data, truth = lrs.synthetic.make_problem(jax.random.key(seed), **sizes, dtype=dtype)
+    r, k = sizes["r"], sizes["k"]
+    _, diag = lrs.fit(data, lrs.AMHTConfig(rank=r, sparsity=k), truth=truth)
+    iters = _first_below(diag.relative_error, 1e-4) or len(diag.relative_error) - 1
+    config = lrs.AMHTConfig(rank=r, sparsity=k, num_iters=iters, tol=0.0)
+    key = jax.random.key(0)
+    text = lrs.amht._fit.lower(data, config, key, None, None, False).compile()
+    stacks = _hlo_stacks(text.as_text())
+    W = jnp.ones((data.num_users, data.dim), data.X.dtype)
+    jax.block_until_ready(lrs.fit(data, config)[0])
+    jax.block_until_ready(_data_pass(data.X, W))
+    with tempfile.TemporaryDirectory() as tmp:
+        walls, passes = [], []
+        with jax.profiler.trace(tmp):
+            for _ in range(rounds):
+                start = time.perf_counter()
+                with jax.profiler.TraceAnnotation("bench_core.fit"):
+                    jax.block_until_ready(lrs.fit(data, config)[0])
+                walls.append(time.perf_counter() - start)
+                for _ in range(3):
+                    start = time.perf_counter()
+                    jax.block_until_ready(_data_pass(data.X, W))
+                    passes.append(time.perf_counter() - start)
+        path = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0]
+        times = _self_times(path, "bench_core.fit")
+    unit_ms = 1e3 * float(np.median(passes))
+    parts = collections.Counter()
+    for name, ms in times.items():
+        runtime = name.startswith(("ThunkExecutor", "ThreadpoolListener", "Slinky"))
+        parts[EXECUTOR if runtime else _part(stacks.get(name))] += ms
+    units = {p: ms / rounds / unit_ms for p, ms in parts.most_common()}
+    return dict(
+        dtype=dtype,
+        seed=seed,
+        iterations=iters,
+        data_pass_ms=unit_ms,
+        fit_units_wall=1e3 * float(np.median(walls)) / unit_ms,
+        op_units_by_part=units,
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-out")
@@ -219,6 +382,9 @@ def main(argv=None):
     parser.add_argument("--p1", action="store_true", help="also run P1 (4 GB of data)")
     parser.add_argument("--p1-only", action="store_true")
     parser.add_argument("--p1-iters", type=int, default=3)
+    parser.add_argument(
+        "--parts", action="store_true", help="only: where a P0 fit's time goes"
+    )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     sizes = QUICK if args.quick else P0
@@ -232,7 +398,18 @@ def main(argv=None):
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         deadlock_flag=DEADLOCK_FLAG_SET,
     )
-    if not args.p1_only:
+    if args.parts:
+        for dtype in ("float64", "float32"):
+            res = fit_parts(sizes, 0, dtype)
+            out[f"parts_{dtype}"] = res
+            print(
+                f"{sizes} {dtype}, seed 0, {res['iterations']} iterations: fit "
+                f"{res['fit_units_wall']:.0f} units (data pass "
+                f"{res['data_pass_ms']:.2f} ms); XLA op time by part, units:"
+            )
+            for part, units in res["op_units_by_part"].items():
+                print(f"  {units:6.1f}  {part}")
+    elif not args.p1_only:
         for dtype in ("float64", "float32"):
             res = run_p0(sizes, seeds, dtype, 30)
             out[f"p0_{dtype}"] = res

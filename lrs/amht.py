@@ -25,7 +25,13 @@ from lrs.data import UserData
 from lrs.errors import FitError, raise_if_nonfinite
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows, weights
-from lrs.peruser import chunk_size, cold_supports, per_user_step, relative_residual
+from lrs.peruser import (  # noqa: F401 (per_user_step: re-exported)
+    chunk_size,
+    cold_supports,
+    fit_users,
+    per_user_step,
+    relative_residual,
+)
 from lrs.sharding import UserAxis, all_users, psum
 from lrs.shared import moment_init, update_U
 from lrs.validation import check_data, check_init, check_key, check_truth
@@ -44,6 +50,15 @@ class AMHTState(NamedTuple):
     # () subspace distance moved by the last shared step (inf before the
     # first); the next shared step's CG tolerance follows it.
     u_change: jax.Array = float("inf")
+    # The last per-user step's peruser.UserCache, on its samples: each
+    # user's residual and low-rank predictions X_i U v_i (t, m), which the
+    # next shared step reads instead of forming X_i b_i and X_i U v_i again,
+    # and the support's columns X_i[:, S_i] (t, m, k), which the next
+    # per-user step reads instead of gathering them. None: unknown (computed
+    # then), and always under fresh_samples (the steps see other samples).
+    residual: jax.Array | None = None
+    low_rank: jax.Array | None = None
+    columns: jax.Array | None = None
 
 
 STOP_REASONS = loop.STOP_REASONS  # AMHTInfo.stop_code indexes it
@@ -88,12 +103,25 @@ def _batch_mask(data: UserData, config: AMHTConfig, half_step) -> jax.Array:
     return data.mask & ((rank * n) // count == half_step % n)
 
 
-def _state(U, fits: peruser.UserFit, data: UserData, half_step, axis=None):
+def _state(U, fits, data: UserData, config, half_step, axis=None):
+    """The state after a per-user step's ``(UserFit, UserCache)``."""
+    fits, cache = fits
     sums = psum((jnp.sum(fits.sq_residual), jnp.sum(data.mask)), axis)
     loss = sums[0] / sums[1]
     score = relative_residual(data, fits.sq_residual)
     inf = jnp.full((), jnp.inf, U.dtype)
-    return AMHTState(U, fits.v, fits.support, fits.b, loss, score, half_step, inf)
+    if not keeps_cache(config):
+        cache = (None, None, None)
+    return AMHTState(
+        U, fits.v, fits.support, fits.b, loss, score, half_step, inf, *cache
+    )
+
+
+def keeps_cache(config: AMHTConfig) -> bool:
+    """Whether a step can reuse the last per-user step's
+    :class:`lrs.peruser.UserCache`: every step sees the same samples (no
+    ``fresh_samples`` split)."""
+    return config.fresh_samples <= 1
 
 
 def initial_U(data: UserData, config: AMHTConfig, key, U0=None, axis=None):
@@ -129,8 +157,8 @@ def init(data: UserData, config: AMHTConfig, key, U0=None) -> AMHTState:
     """
     U = initial_U(data, config, key, U0)
     masked = data._replace(mask=_batch_mask(data, config, 1))
-    fits = per_user_step(masked, U, None, config)
-    return _state(U, fits, masked, jnp.asarray(2, jnp.int32))
+    fits = fit_users(masked, U, None, config)
+    return _state(U, fits, masked, config, jnp.asarray(2, jnp.int32))
 
 
 def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig, axis=None):
@@ -139,6 +167,9 @@ def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig, axis=No
     median = jnp.median(all_users(state.score, axis))
     inlier = inlier_users(state.score, median)
     shared_mask = _batch_mask(data, config, state.half_step) & inlier[:, None]
+    predictions = None
+    if keeps_cache(config) and state.residual is not None:
+        predictions = (state.residual, state.low_rank)
     U, _, stats = update_U(
         data._replace(mask=shared_mask),
         state.U,
@@ -151,6 +182,7 @@ def _shared_update(state: AMHTState, data: UserData, config: AMHTConfig, axis=No
         tol=shared_tolerance(cg_tol, median, state.u_change),
         chunk_size=chunk_size(data, config),
         axis=axis,
+        predictions=predictions,
     )
     return U, stats.cg_iters
 
@@ -164,8 +196,15 @@ def inlier_users(score, median_score):
     return score <= 100 * median_score + jnp.finfo(score.dtype).eps
 
 
+# Fraction of sqrt(median score) (the users' relative residual) that a shared
+# step's CG must reach while U moves a lot. 0.3: one CG product per step on
+# P0 with the same iterations to 1e-4 as 0.1 (two products), a slightly
+# faster rate; near convergence the tenth of the U change binds anyway.
+RESIDUAL_FRACTION = 0.3
+
+
 def shared_tolerance(cg_tol, median_score, u_change):
-    """CG tolerance of a shared step: ``max(cg_tol, min(0.1 sqrt(median score),
+    """CG tolerance of a shared step: ``max(cg_tol, min(0.3 sqrt(median score),
     0.1 u_change))``.
 
     Inexact U steps: no more accuracy than the current fit warrants (the
@@ -173,7 +212,7 @@ def shared_tolerance(cg_tol, median_score, u_change):
     change once it is small, so a small change is a fixed point of the exact
     step and not a CG step that barely moved (issue 16).
     """
-    loose = jnp.minimum(0.1 * jnp.sqrt(median_score), 0.1 * u_change)
+    loose = jnp.minimum(RESIDUAL_FRACTION * jnp.sqrt(median_score), 0.1 * u_change)
     return jnp.maximum(cg_tol, loose)
 
 
@@ -191,8 +230,11 @@ def _iterate(state: AMHTState, data: UserData, config: AMHTConfig, first, axis=N
         )
         steps = config.inner_steps + 3 * first.astype(jnp.int32)
     user_data = data._replace(mask=_batch_mask(data, config, state.half_step + 1))
-    fits = per_user_step(user_data, U, state.indices, config, steps, axis=axis)
-    new = _state(U, fits, user_data, state.half_step + 2, axis)
+    columns = state.columns if keeps_cache(config) else None
+    fits = fit_users(
+        user_data, U, state.indices, config, steps, axis=axis, columns=columns
+    )
+    new = _state(U, fits, user_data, config, state.half_step + 2, axis)
     nan = jnp.full((), jnp.nan, U.dtype)
     change = jnp.where(first, nan, metrics.subspace_distance(state.U, U))
     new = new._replace(u_change=jnp.where(first, jnp.inf, change).astype(U.dtype))
@@ -264,17 +306,22 @@ def _fit_program(data, config: AMHTConfig, key, U0, truth, report: bool, axis=No
         truth = _scale_values(truth, 1 / scale)
     U = initial_U(data, config, key, U0, axis)
     cold = cold_supports(data._replace(mask=_batch_mask(data, config, 1)), U, config)
-    t, r = data.X.shape[0], config.rank
+    t, m, _ = data.X.shape
     zeros = jnp.zeros((t, config.sparsity), data.X.dtype)
+    cache = (None, None, None)
+    if keeps_cache(config):
+        empty = jnp.zeros((t, m), U.dtype)
+        cache = (empty, empty, peruser.support_columns(data.X, data.mask, cold))
     state = AMHTState(
         U,
-        jnp.zeros((t, r), U.dtype),
+        jnp.zeros((t, config.rank), U.dtype),
         cold,
         zeros,
         jnp.zeros((), U.dtype),
         jnp.zeros((t,), U.dtype),
         jnp.zeros((), jnp.int32),
         jnp.full((), jnp.inf, U.dtype),
+        *cache,
     )
     zero, nan = jnp.zeros((), jnp.int32), jnp.zeros((), U.dtype)
     info = AMHTInfo(nan, nan, zero, nan, nan, zero)

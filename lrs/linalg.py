@@ -61,12 +61,15 @@ def spd_solve(G: jax.Array, h: jax.Array, ridge: float | jax.Array = 0.0) -> jax
     ``G`` is singular (e.g. a user with fewer samples than unknowns).
     """
     p = G.shape[-1]
-    shift = ridge + jitter(G.dtype) * (jnp.trace(G) / p + 1e-30)
+    trace = jnp.trace(G)
+    shift = ridge + jitter(G.dtype) * (trace / p + 1e-30)
     L = jnp.linalg.cholesky(G + shift * jnp.eye(p, dtype=G.dtype))
     x = jax.scipy.linalg.cho_solve((L, True), h)
     # An overflowed system must not pass for a zero solution: make it NaN so
-    # the fit's non-finite check reports it.
-    return jnp.where(jnp.isfinite(G).all() & jnp.isfinite(h).all(), x, jnp.nan)
+    # the fit's non-finite check reports it. For a PSD G an infinite entry
+    # means an infinite diagonal (|G_ij| <= sqrt(G_ii G_jj)), so the trace
+    # tells; a NaN anywhere in G gives a NaN factor already.
+    return jnp.where(jnp.isfinite(trace) & jnp.isfinite(h).all(), x, jnp.nan)
 
 
 def subspace_distance(U1: jax.Array, U2: jax.Array) -> jax.Array:

@@ -45,19 +45,56 @@ def lstsq_on_support(A, X, y, support, ridge=0.0, *, sparse_ridge=0.0) -> UserFi
     ``sparse_ridge`` shrinks the sparse values more than the low-rank part.
     ``sq_residual`` is the squared residual of the data alone (no penalty).
     """
-    Z = jnp.concatenate([A, jnp.take(X, support, axis=1)], axis=1)
-    r, s = A.shape[1], support.shape[-1]
-    penalty = ridge
+    return _fit_on_support(A, X, y, support, ridge, sparse_ridge=sparse_ridge)[0]
+
+
+class _System(NamedTuple):
+    """The columns ``Z = [A, X_S]`` of one user's least squares and the
+    residual of its solution (kept so a pursuit step reuses them)."""
+
+    Z: jax.Array  # (m, p) the columns, zero on masked samples
+    residual: jax.Array  # (m,) y - Z coef
+
+
+def _columns(X, idx, mask):
+    """``X[:, idx]``, zero on the samples outside ``mask`` (None: all in).
+
+    The per-user solvers read the features unmasked and mask only what they
+    gather and the products' outputs: no masked copy of X is made (timed
+    alone, the cold supports of P0 took 5x longer from a masked copy).
+    """
+    cols = jnp.take(X, idx, axis=1)
+    return cols if mask is None else jnp.where(mask[:, None], cols, 0)
+
+
+def _penalty(r: int, s: int, ridge, sparse_ridge, dtype):
     if not (isinstance(sparse_ridge, float | int) and sparse_ridge == 0) and s:
-        penalty = jnp.concatenate(
-            [
-                jnp.full((r,), ridge, y.dtype),
-                jnp.full((s,), ridge + sparse_ridge, y.dtype),
-            ]
+        return jnp.concatenate(
+            [jnp.full((r,), ridge, dtype), jnp.full((s,), ridge + sparse_ridge, dtype)]
         )
-    coef = spd_solve(Z.T @ Z, Z.T @ y, penalty)
+    return ridge
+
+
+def _solve_system(Z, G, h, y, support, r: int, ridge, sparse_ridge):
+    """``(UserFit, _System)`` of the least squares ``G coef = h`` on ``Z``."""
+    penalty = _penalty(r, support.shape[-1], ridge, sparse_ridge, y.dtype)
+    coef = spd_solve(G, h, penalty)
     residual = y - Z @ coef
-    return UserFit(coef[:r], support, coef[r:], residual @ residual)
+    fit = UserFit(coef[:r], support, coef[r:], residual @ residual)
+    return fit, _System(Z, residual)
+
+
+def _fit_on_support(
+    A, X, y, support, ridge, mask=None, columns=None, *, sparse_ridge=0.0
+):
+    """:func:`lstsq_on_support` and its :class:`_System` (``X`` read unmasked,
+    ``A`` and ``y`` zero on the masked samples). ``columns``: the support's
+    columns ``X[:, support]`` (masked) when already known."""
+    if columns is None:
+        columns = _columns(X, support, mask)
+    Z = jnp.concatenate([A, columns], axis=1)
+    r = A.shape[1]
+    return _solve_system(Z, Z.T @ Z, Z.T @ y, y, support, r, ridge, sparse_ridge)
 
 
 def _residual(A, X, y, fit: UserFit) -> jax.Array:
@@ -88,25 +125,58 @@ def pursuit_step(
     ``allowed``: static ``(d,)`` bools, the features the support may use
     (None: all).
     """
-    k, d = fit.support.shape[0], X.shape[1]
+    Z = jnp.concatenate([A, jnp.take(X, fit.support, axis=1)], axis=1)
+    system = _System(Z, _residual(A, X, y, fit))
+    fit, _, moved = _pursuit_step(
+        A, X, y, fit, system, ridge, sparse_ridge=sparse_ridge, allowed=allowed
+    )
+    return fit, moved
+
+
+def _pursuit_step(
+    A, X, y, fit: UserFit, system: _System, ridge, mask=None, *, sparse_ridge, allowed
+):
+    """:func:`pursuit_step` from the fit's :class:`_System`:
+    ``(fit, system, moved)``.
+
+    The fit's columns and residual come from its :class:`_System`: per step
+    one product ``X^T residual`` over all features and a gather of the ``k``
+    new columns; the rest works on the ``r + 2k`` merged columns, and the
+    candidate's Gram matrix is a sub-block of the merged one. ``mask``: the
+    samples present (``A`` and ``y`` are zero on the others; None: all).
+    """
+    k, d, r = fit.support.shape[0], X.shape[1], A.shape[1]
     n_new = _candidates(k, d, allowed)
     if n_new <= 0:  # the support is every allowed feature already
-        return fit, jnp.asarray(False)
-    proxy = jnp.abs(X.T @ _residual(A, X, y, fit)).at[fit.support].set(-1.0)
+        return fit, system, jnp.asarray(False)
+    proxy = jnp.abs(X.T @ system.residual)
+    proxy = jnp.where(_members(jnp.arange(d), fit.support), -1.0, proxy)
     new = top_k_indices(_allowed_scores(proxy, allowed, -2.0), n_new)
     merged = jnp.concatenate([fit.support, new])
-    wide = lstsq_on_support(A, X, y, merged, ridge, sparse_ridge=sparse_ridge)
-    keep, _ = hard_threshold(wide.b, k)
-    candidate = lstsq_on_support(
-        A, X, y, merged[keep], ridge, sparse_ridge=sparse_ridge
+    W = jnp.concatenate([system.Z, _columns(X, new, mask)], axis=1)
+    G, h = W.T @ W, W.T @ y
+    wide = spd_solve(G, h, _penalty(r, k + n_new, ridge, sparse_ridge, y.dtype))
+    keep, _ = hard_threshold(wide[r:], k)
+    cols = jnp.concatenate([jnp.arange(r), r + keep])
+    G = jnp.take(jnp.take(G, cols, axis=0), cols, axis=1)
+    candidate, cand_system = _solve_system(
+        jnp.take(W, cols, axis=1), G, h[cols], y, merged[keep], r, ridge, sparse_ridge
     )
     margin = 1.0 - 100 * jnp.finfo(y.dtype).eps
-    changed = jnp.any(jnp.sort(candidate.support) != jnp.sort(fit.support))
+    changed = ~jnp.all(_members(candidate.support, fit.support))
     moved = changed & (
         _objective(candidate, ridge, sparse_ridge)
         < margin * _objective(fit, ridge, sparse_ridge)
     )
-    return jax.tree.map(lambda a, b: jnp.where(moved, a, b), candidate, fit), moved
+    fit, system = jax.tree.map(
+        lambda a, b: jnp.where(moved, a, b), (candidate, cand_system), (fit, system)
+    )
+    return fit, system, moved
+
+
+def _members(items, support) -> jax.Array:
+    """``(n,)`` bools: which of ``items (n,)`` are in ``support (k,)``."""
+    return jnp.any(items[:, None] == support[None, :], axis=1)
 
 
 def _objective(fit: UserFit, ridge, sparse_ridge) -> jax.Array:
@@ -122,41 +192,65 @@ def _objective(fit: UserFit, ridge, sparse_ridge) -> jax.Array:
 
 
 def pursue(
-    A, X, y, support, steps: int, ridge=0.0, *, sparse_ridge=0.0, allowed=None
+    A,
+    X,
+    y,
+    support,
+    steps: int,
+    ridge=0.0,
+    *,
+    sparse_ridge=0.0,
+    allowed=None,
+    mask=None,
 ) -> UserFit:
     """Refits users on ``support (n, k)``, then up to ``steps`` pursuit steps.
 
     ``A (n, m, r)``, ``X (n, m, d)``, ``y (n, m)``. The loop over steps runs
     over the whole batch and stops early once no user's support moves.
-    ``sparse_ridge`` and ``allowed``: see :func:`pursuit_step`.
+    ``sparse_ridge`` and ``allowed``: see :func:`pursuit_step`. ``mask (n,
+    m)``: the samples present; on the others ``X`` may hold anything finite
+    and ``A`` and ``y`` must be zero (None: ``X`` is masked already).
     """
-    lstsq = functools.partial(lstsq_on_support, sparse_ridge=sparse_ridge)
-    fits = jax.vmap(lstsq, (0, 0, 0, 0, None))(A, X, y, support, ridge)
+    return _pursue(A, X, y, support, steps, ridge, sparse_ridge, allowed, mask)[0]
+
+
+def _pursue(A, X, y, support, steps, ridge, sparse_ridge, allowed, mask, columns=None):
+    """:func:`pursue`: ``(fits, residuals (n, m), support columns (n, m, k))``
+    (``columns``: those of ``support``, when known)."""
+    fit_fn = functools.partial(_fit_on_support, sparse_ridge=sparse_ridge)
+    fits, systems = jax.vmap(fit_fn, (0, 0, 0, 0, None, 0, 0))(
+        A, X, y, support, ridge, mask, columns
+    )
+    r = A.shape[-1]
     if support.shape[-1] == 0 or (isinstance(steps, int) and steps == 0):
-        return fits
-    one = functools.partial(pursuit_step, sparse_ridge=sparse_ridge, allowed=allowed)
-    step = jax.vmap(one, (0, 0, 0, 0, None))
+        return fits, systems.residual, systems.Z[..., r:]
+    one = functools.partial(_pursuit_step, sparse_ridge=sparse_ridge, allowed=allowed)
+    step = jax.vmap(one, (0, 0, 0, 0, 0, None, 0))
 
     def cond(carry):
-        i, _, moved = carry
+        i, _, _, moved = carry
         return (i < steps) & moved
 
     def body(carry):
-        i, fits, _ = carry
-        fits, moved = step(A, X, y, fits, ridge)
-        return i + 1, fits, jnp.any(moved)
+        i, fits, systems, _ = carry
+        fits, systems, moved = step(A, X, y, fits, systems, ridge, mask)
+        return i + 1, fits, systems, jnp.any(moved)
 
-    _, fits, _ = jax.lax.while_loop(cond, body, (0, fits, jnp.asarray(True)))
-    return fits
+    init = (0, fits, systems, jnp.asarray(True))
+    _, fits, systems, _ = jax.lax.while_loop(cond, body, init)
+    return fits, systems.residual, systems.Z[..., r:]
 
 
 def cold_support(A, X, y, k: int, ridge=0.0, *, allowed=None) -> jax.Array:
     """Initial support: the k largest correlations with the low-rank residual
-    (among the ``allowed`` features)."""
-    base = lstsq_on_support(A, X, y, jnp.zeros((0,), jnp.int32), ridge)
+    (among the ``allowed`` features).
+
+    ``X`` may hold anything finite on samples where ``A`` and ``y`` are zero.
+    """
+    _, base = _fit_on_support(A, X, y, jnp.zeros((0,), jnp.int32), ridge)
     if k == 0:
         return jnp.zeros((0,), jnp.int32)
-    scores = jnp.abs(X.T @ _residual(A, X, y, base))
+    scores = jnp.abs(X.T @ base.residual)
     return top_k_indices(_allowed_scores(scores, allowed), k)
 
 
@@ -173,7 +267,10 @@ def l1_support(A, X, y, k: int, steps: int, *, allowed=None) -> jax.Array:
     Q, _ = jnp.linalg.qr(A)
     Xp = X - Q @ (Q.T @ X)
     yp = y - Q @ (Q.T @ y)
-    lipschitz = jnp.linalg.norm(Xp, ord=2) ** 2 + 1e-30
+    # ||Xp||_2^2, the largest singular value of the smaller Gram matrix
+    # (LAPACK is faster on it than on Xp)
+    gram = Xp @ Xp.T if Xp.shape[0] <= Xp.shape[1] else Xp.T @ Xp
+    lipschitz = jnp.linalg.svd(gram, compute_uv=False)[0] + 1e-30
     lam_max = jnp.max(jnp.abs(Xp.T @ yp))
     decay = 1e-4 ** (1.0 / max(steps - 1, 1))
 
@@ -202,27 +299,100 @@ def rescue(
     ridge=0.0,
     sparse_ridge=0.0,
     allowed=None,
+    mask=None,
 ) -> UserFit:
     """Stronger attempt for a batch of hard users: best of ``fits``, a cold
     start and an l1 start, each polished by ``steps`` pursuit steps.
 
-    The l1 candidate is computed after the cold one (:func:`_after`), so the
-    program's batched factorizations form one chain (no CPU deadlock)."""
-    k = fits.support.shape[-1]
-    if k == 0:
+    ``mask (n, m)``: the samples present (None: ``X`` and ``y`` are masked
+    already). The l1 candidate is computed after the cold one (:func:`_after`),
+    so the program's batched factorizations form one chain (no CPU deadlock)."""
+    if fits.support.shape[-1] == 0:
         return fits
-    A = X @ U
-    opts = dict(sparse_ridge=sparse_ridge, allowed=allowed)
-    cold_fn = functools.partial(cold_support, allowed=allowed)
-    cold = jax.vmap(cold_fn, (0, 0, 0, None, None))(A, X, y, k, ridge)
-    best = _keep_better(pursue(A, X, y, cold, steps, ridge, **opts), fits)
+    opts = dict(
+        steps=steps,
+        l1_steps=l1_steps,
+        ridge=ridge,
+        sparse_ridge=sparse_ridge,
+        allowed=allowed,
+    )
+    A, y = _low_rank_columns(X, y, mask, U)
+    best = _rescue_candidate(A, X, y, mask, fits, "cold", **opts)
     if l1_steps > 0:
         # The l1 chain starts only once the cold one is done (see _after).
-        A, X, y = _after((A, X, y), best)
-        l1_fn = functools.partial(l1_support, allowed=allowed)
-        l1 = jax.vmap(l1_fn, (0, 0, 0, None, None))(A, X, y, k, l1_steps)
-        best = _keep_better(pursue(A, X, y, l1, steps, ridge, **opts), best)
+        A, X, y, mask = _after((A, X, y, mask), best)
+        best = _rescue_candidate(A, X, y, mask, best, "l1", **opts)
     return best
+
+
+def _low_rank_columns(X, y, mask, U):
+    """``(A, y)``: ``A = X U`` and ``y``, both zero on the masked samples."""
+    A = X @ U
+    if mask is None:
+        return A, y
+    return jnp.where(mask[..., None], A, 0), jnp.where(mask, y, 0)
+
+
+def _rescue_candidate(
+    A,
+    X,
+    y,
+    mask,
+    best: UserFit,
+    start: str,
+    *,
+    steps,
+    l1_steps,
+    ridge,
+    sparse_ridge,
+    allowed,
+) -> UserFit:
+    """One candidate of :func:`rescue` (``start``: ``'cold'`` or ``'l1'``)
+    polished by pursuit; each row of ``best`` it fits better is replaced."""
+    k = best.support.shape[-1]
+    if start == "cold":
+        cold = functools.partial(cold_support, allowed=allowed)
+        support = jax.vmap(cold, (0, 0, 0, None, None))(A, X, y, k, ridge)
+    else:
+        X_l1 = X if mask is None else jnp.where(mask[..., None], X, 0)
+        l1 = functools.partial(l1_support, allowed=allowed)
+        support = jax.vmap(l1, (0, 0, 0, None, None))(A, X_l1, y, k, l1_steps)
+    fit = pursue(
+        A,
+        X,
+        y,
+        support,
+        steps,
+        ridge,
+        sparse_ridge=sparse_ridge,
+        allowed=allowed,
+        mask=mask,
+    )
+    return _keep_better(fit, best)
+
+
+def rescue_candidate(
+    X, y, mask, U, best: UserFit, config: AMHTConfig, start: str
+) -> UserFit:
+    """One candidate of :func:`rescue_masked` (``start``: ``'cold'`` or
+    ``'l1'``) on padded data: the rows of ``best`` it fits better are replaced.
+
+    ``rescue_masked`` is the cold candidate, then the l1 candidate from its
+    result; the streamed fit runs the two as separate programs.
+    """
+    if best.support.shape[-1] == 0:
+        return best
+    A, y = _low_rank_columns(X, y, mask, U)
+    return _rescue_candidate(A, X, y, mask, best, start, **_rescue_options(config, X))
+
+
+def _rescue_options(config: AMHTConfig, X) -> dict:
+    return dict(
+        steps=config.inner_steps + 2,
+        l1_steps=config.l1_steps,
+        ridge=config.ridge,
+        **sparse_options(config, X.shape[-1]),
+    )
 
 
 def _keep_better(candidate: UserFit, best: UserFit) -> UserFit:
@@ -290,8 +460,15 @@ def chunk_size(data: UserData, config: AMHTConfig) -> int:
     return config.chunk_size(m, d, data.X.dtype.itemsize)
 
 
-def _masked(X, y, mask):
-    return jnp.where(mask[..., None], X, 0), jnp.where(mask, y, 0)
+class UserCache(NamedTuple):
+    """What a per-user step leaves for the next steps, per user, zero on the
+    masked samples: the shared step reads the predictions instead of forming
+    ``X_i b_i`` and ``X_i U v_i`` again, the next per-user step the support's
+    columns instead of gathering them."""
+
+    residual: jax.Array  # (t, m) y_i - X_i U v_i - X_i b_i
+    low_rank: jax.Array  # (t, m) X_i U v_i
+    columns: jax.Array  # (t, m, k) X_i[:, S_i], S_i = the fit's support
 
 
 def per_user_step(
@@ -314,6 +491,24 @@ def per_user_step(
     Returns:
       a :class:`UserFit` with leading axis ``t``.
     """
+    return fit_users(data, U, warm, config, steps, axis=axis)[0]
+
+
+def fit_users(
+    data: UserData,
+    U,
+    warm,
+    config: AMHTConfig,
+    steps=None,
+    *,
+    axis=None,
+    columns=None,
+) -> tuple[UserFit, UserCache]:
+    """:func:`per_user_step` and the fits' :class:`UserCache`.
+
+    ``columns``: ``(t, m, k)`` the columns of the ``warm`` supports on
+    ``data.mask`` (a previous step's :class:`UserCache`), None: gathered.
+    """
     if steps is None:
         steps = config.inner_steps + (3 if warm is None else 0)
     if warm is None:
@@ -322,35 +517,66 @@ def per_user_step(
     opts = sparse_options(config, data.X.shape[2])
 
     def fn(args, fresh):
-        return pursue_masked(*args, U, steps, config.ridge, **opts), None
+        X, y, mask, support, cols = args
+        return pursue_chunk(
+            X, y, mask, support, U, steps, config.ridge, columns=cols, **opts
+        ), None
 
     chunk = chunk_size(data, config)
-    fits, _ = map_user_chunks(fn, (data.X, data.y, data.mask, warm), chunk)
-    return _rescue_worst(data, U, fits, config, chunk, axis)
+    args = (data.X, data.y, data.mask, warm, columns)
+    out, _ = map_user_chunks(fn, args, chunk)
+    return _rescue_worst(data, U, *out, config, chunk, axis)
+
+
+def pursue_chunk(
+    X,
+    y,
+    mask,
+    support,
+    U,
+    steps,
+    ridge=0.0,
+    *,
+    sparse_ridge=0.0,
+    allowed=None,
+    columns=None,
+) -> tuple[UserFit, UserCache]:
+    """:func:`pursue_masked` and the fits' :class:`UserCache` (``columns``:
+    those of ``support``, when known)."""
+    A, y = _low_rank_columns(X, y, mask, U)
+    fits, residual, columns = _pursue(
+        A, X, y, support, steps, ridge, sparse_ridge, allowed, mask, columns
+    )
+    low_rank = jnp.einsum("nmr,nr->nm", A, fits.v)
+    return fits, UserCache(residual, low_rank, columns)
 
 
 def pursue_masked(
     X, y, mask, support, U, steps, ridge=0.0, *, sparse_ridge=0.0, allowed=None
 ) -> UserFit:
     """:func:`pursue` on padded data ``X (n, m, d)``, ``y, mask (n, m)``."""
-    X, y = _masked(X, y, mask)
     opts = dict(sparse_ridge=sparse_ridge, allowed=allowed)
-    return pursue(X @ U, X, y, support, steps, ridge, **opts)
+    return pursue_chunk(X, y, mask, support, U, steps, ridge, **opts)[0]
+
+
+def support_columns(X, mask, support) -> jax.Array:
+    """``(n, m, k)`` each user's columns ``X_i[:, S_i]``, zero where masked."""
+    cols = jnp.take_along_axis(X, support[:, None, :], axis=2)
+    return jnp.where(mask[..., None], cols, 0)
+
+
+def user_cache(X, y, mask, U, fits: UserFit) -> UserCache:
+    """The :class:`UserCache` of ``fits`` on padded data."""
+    A, y = _low_rank_columns(X, y, mask, U)
+    low_rank = jnp.einsum("nmr,nr->nm", A, fits.v)
+    columns = support_columns(X, mask, fits.support)
+    sparse = jnp.einsum("nmk,nk->nm", columns, fits.b)
+    return UserCache(y - low_rank - sparse, low_rank, columns)
 
 
 def rescue_masked(X, y, mask, U, current: UserFit, config: AMHTConfig) -> UserFit:
     """:func:`rescue` with ``config``'s settings on padded data."""
-    X, y = _masked(X, y, mask)
-    return rescue(
-        X,
-        y,
-        U,
-        current,
-        steps=config.inner_steps + 2,
-        l1_steps=config.l1_steps,
-        ridge=config.ridge,
-        **sparse_options(config, X.shape[2]),
-    )
+    return rescue(X, y, U, current, mask=mask, **_rescue_options(config, X))
 
 
 def rescue_count(t: int, config: AMHTConfig) -> int:
@@ -388,8 +614,9 @@ def cold_supports(data: UserData, U, config: AMHTConfig) -> jax.Array:
     )
 
     def fn(args, fresh):
-        X, y = _masked(*args)
-        return cold(X @ U, X, y, config.sparsity, config.ridge), None
+        X, y, mask = args
+        A, y = _low_rank_columns(X, y, mask, U)
+        return cold(A, X, y, config.sparsity, config.ridge), None
 
     return map_user_chunks(fn, (data.X, data.y, data.mask), chunk_size(data, config))[0]
 
@@ -409,7 +636,9 @@ def score_from_sums(sq_residual, y_sq):
     return sq_residual / (y_sq + np.finfo(y_sq.dtype).tiny)
 
 
-def _rescue_worst(data: UserData, U, fits: UserFit, config, chunk: int, axis=None):
+def _rescue_worst(
+    data: UserData, U, fits: UserFit, cache: UserCache, config, chunk: int, axis=None
+) -> tuple[UserFit, UserCache]:
     """Runs :func:`rescue` on the ``rescue_fraction`` of users that fit worst.
 
     Skipped when the worst users do not stand out (largest relative residual
@@ -420,27 +649,28 @@ def _rescue_worst(data: UserData, U, fits: UserFit, config, chunk: int, axis=Non
     t_local = data.X.shape[0]
     n = rescue_count(t_local if axis is None else axis.num_users, config)
     if n == 0:
-        return fits
+        return fits, cache
     score = all_users(relative_residual(data, fits.sq_residual), axis)
     worst, run = rescue_selection(score, n)
     chosen = None
     if axis is not None:
         worst, chosen = _local_rows(worst, t_local, axis)
-    subset = jax.tree.map(lambda a: a[worst], fits)
+    subset = jax.tree.map(lambda a: a[worst], (fits, cache))
 
     def fn(args, fresh):
         users, current = args
         X, y, mask = data.X[users], data.y[users], data.mask[users]
-        return rescue_masked(X, y, mask, U, current, config), None
+        better = rescue_masked(X, y, mask, U, current, config)
+        return (better, user_cache(X, y, mask, U, better)), None
 
     better = jax.lax.cond(
         run,
-        lambda: map_user_chunks(fn, (worst, subset), chunk)[0],
+        lambda: map_user_chunks(fn, (worst, subset[0]), chunk)[0],
         lambda: subset,
     )
     if chosen is not None:  # rows that only fill this device's buffer
         better = jax.tree.map(lambda a, b: _where_rows(chosen, a, b), better, subset)
-    return jax.tree.map(lambda a, b: a.at[worst].set(b), fits, better)
+    return jax.tree.map(lambda a, b: a.at[worst].set(b), (fits, cache), better)
 
 
 def _local_rows(worst, t_local: int, axis) -> tuple[jax.Array, jax.Array]:

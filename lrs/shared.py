@@ -44,6 +44,31 @@ def _rhs(data, V, idx, val, chunk_size, axis=None) -> jax.Array:
     return map_user_chunks(fn, args, chunk_size, axis=axis)[1]
 
 
+def rhs_and_product(data, V, residual, low_rank, chunk_size, axis=None):
+    """``(rhs, A(U))`` of the U step from the current fit's predictions.
+
+    ``residual (t, m)`` and ``low_rank (t, m)`` are each user's
+    ``y_i - X_i U v_i - X_i b_i`` and ``X_i U v_i`` (as
+    :class:`lrs.peruser.UserCache`): then ``rhs = sum_i X_i^T (y_i - X_i
+    b_i) v_i^T = sum_i X_i^T (r_i + z_i) v_i^T`` and the normal operator at
+    ``U`` is ``sum_i X_i^T z_i v_i^T``: two products ``X_i^T (.)`` per user,
+    where :func:`_rhs` and :func:`normal_operator` at ``U`` gather ``X_i b_i``
+    and form ``X_i U v_i`` again. Samples outside ``data.mask`` are ignored.
+    """
+
+    def fn(args, fresh):
+        X, mask, v, res, low = args
+        low = jnp.where(mask, low, 0)
+        v = v * fresh[:, None]
+        # two products of one vector each: on XLA:CPU faster than one of two
+        g_rhs = jnp.einsum("cmd,cm->cd", X, jnp.where(mask, res, 0) + low)
+        g_low = jnp.einsum("cmd,cm->cd", X, low)
+        return None, (g_rhs.T @ v, g_low.T @ v)
+
+    args = (data.X, data.mask, V, residual, low_rank)
+    return map_user_chunks(fn, args, chunk_size, axis=axis)[1]
+
+
 def normal_operator(data, V, D, chunk_size, axis=None) -> jax.Array:
     """``sum_i X_i^T X_i D v_i v_i^T`` for ``D (d, r)``: one pass over the data."""
 
@@ -114,7 +139,19 @@ def _pcg(
 
 
 def update_U(
-    data, U, V, idx, val, *, ridge, solver, max_iters, tol, chunk_size, axis=None
+    data,
+    U,
+    V,
+    idx,
+    val,
+    *,
+    ridge,
+    solver,
+    max_iters,
+    tol,
+    chunk_size,
+    axis=None,
+    predictions=None,
 ):
     """Least squares for U given V and B, then re-orthonormalization.
 
@@ -123,12 +160,19 @@ def update_U(
     from the current ``U`` (right preconditioner ``(sum_i m_i v_i v_i^T)^-1``;
     Gaussian ``X_i^T X_i`` average to ``m_i I``) or densely. With ``axis``
     (inside ``shard_map``) the sums run over the users of every device.
+    ``predictions``: ``(residual, low_rank)`` of the fit ``(U, V, B)`` on
+    ``data.mask`` (see :func:`rhs_and_product`), which saves a pass over the
+    data; None computes the right-hand side from ``B``.
 
     Returns:
       ``(U_new (d, r) orthonormal, V_new (t, r), SharedStats)`` with
       ``V_new U_new^T`` equal to ``V U_ls^T`` for the least-squares ``U_ls``.
     """
-    rhs = _rhs(data, V, idx, val, chunk_size, axis)
+    AU = None
+    if predictions is None:
+        rhs = _rhs(data, V, idx, val, chunk_size, axis)
+    else:
+        rhs, AU = rhs_and_product(data, V, *predictions, chunk_size, axis)
     if solver == "dense":
         G = _dense_normal_matrix(data, V, chunk_size, axis)
         U_ls, stats = solve_U_dense(G, rhs, ridge)
@@ -139,7 +183,7 @@ def update_U(
         def apply(D):
             return normal_operator(data, V, D, chunk_size, axis)
 
-        U_ls, stats = solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol)
+        U_ls, stats = solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol, applied=AU)
     U_new, R = orthonormalize(U_ls)
     return U_new, V @ R.T, stats
 
@@ -152,7 +196,18 @@ def solve_U_dense(G, rhs, ridge):
     return U_ls, SharedStats(jnp.zeros((), jnp.int32), jnp.zeros((), rhs.dtype))
 
 
-def solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol, while_loop=jax.lax.while_loop):
+def solve_U_cg(
+    apply,
+    rhs,
+    U,
+    M,
+    ridge,
+    max_iters,
+    tol,
+    while_loop=jax.lax.while_loop,
+    *,
+    applied=None,
+):
     """``U_ls (d, r)`` by CG from ``U`` with the normal operator ``apply(D)``.
 
     ``M (r, r) = sum_i m_i v_i v_i^T`` gives the right preconditioner
@@ -163,11 +218,12 @@ def solve_U_cg(apply, rhs, U, M, ridge, max_iters, tol, while_loop=jax.lax.while
     (``c = s^2``) give CG iterates of the same size, with no overflow in float32
     at ``s = 1e10`` nor underflow at ``1e-8``. ``while_loop`` may be
     :func:`lrs.loop.while_loop` with ``host=True`` when ``apply`` streams data from
-    the host.
+    the host. ``applied``: ``apply(U)`` when already known (one product
+    less).
     """
     r = M.shape[0]
     eye = jnp.eye(r, dtype=M.dtype)
-    AU = apply(U)
+    AU = apply(U) if applied is None else applied
     scale = jnp.vdot(U, AU) / jnp.vdot(U, U @ M)
     scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1)
     M = scale * M + ridge * eye

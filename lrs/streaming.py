@@ -4,13 +4,15 @@ The users are streamed to the device in chunks of ``chunk_users`` for every
 pass over the data; the next chunk is copied while the current one computes.
 The iteration is :func:`lrs.amht.fit`'s, driven from Python: each per-chunk
 computation is a jitted call of the same per-user and shared functions
-(``peruser.pursue_masked``, the two candidates of ``peruser.rescue`` as two
-programs, ``shared._rhs`` /
+(``peruser.pursue_chunk``, the two candidates of ``peruser.rescue`` as two
+programs (``peruser.rescue_candidate``), ``shared.rhs_and_product`` /
 ``normal_operator`` / ``moment_matrix``), the CG loop of the U step is
 ``shared.solve_U_cg`` with a Python while loop, and the global selections
 (median score, worst users) run on the host. Per-user state (``V``, supports,
-values, scores: ``O(t (r + k))``) lives in host memory, so the device holds
-one chunk of data plus ``O(d r)`` (``O(d^2)`` for the dense moment matrix).
+values, scores: ``O(t (r + k))``, and each user's residual and low-rank
+predictions for the shared step: ``O(t m)``) lives in host memory, so the
+device holds one chunk of data plus ``O(d r)`` (``O(d^2)`` for the dense
+moment matrix).
 """
 
 from __future__ import annotations
@@ -63,14 +65,15 @@ def _moment_chunk(X, y, mask, scale, Q, config):
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _pursue_chunk(X, y, mask, support, U, scale, half, steps, config):
-    """Per-user fits of a chunk (cold supports when ``support`` is None)."""
+    """Per-user fits of a chunk (cold supports when ``support`` is None) and
+    their :class:`lrs.peruser.UserCache`."""
     data = _scaled(X, y, mask, scale, half, config)
     if support is None:
         support = peruser.cold_supports(data, U, config)
     opts = peruser.sparse_options(config, X.shape[2])
-    fits = peruser.pursue_masked(*data, support, U, steps, config.ridge, **opts)
+    fits, cache = peruser.pursue_chunk(*data, support, U, steps, config.ridge, **opts)
     y_sq = jnp.sum(jnp.where(data.mask, data.y, 0) ** 2, axis=1)
-    return fits, y_sq, jnp.sum(data.mask, axis=1)
+    return fits, cache[:2], y_sq, jnp.sum(data.mask, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "start"))
@@ -85,20 +88,12 @@ def _rescue_chunk(X, y, mask, U, best, scale, half, config, start):
     XLA:CPU runs the two chains at once; with large batches both LAPACK kernels
     then split their batch over XLA's intra-op pool and block waiting for it,
     which deadlocks once every pool thread waits so (docs/scale.md).
+    Returns the new ``best`` and the predictions of its
+    :class:`lrs.peruser.UserCache`.
     """
-    X, y = peruser._masked(*_scaled(X, y, mask, scale, half, config))
-    A, k, ridge = X @ U, config.sparsity, config.ridge
-    opts = peruser.sparse_options(config, X.shape[2])
-    allowed = opts["allowed"]
-    if start == "cold":
-        cold = functools.partial(peruser.cold_support, allowed=allowed)
-        support = jax.vmap(cold, (0, 0, 0, None, None))(A, X, y, k, ridge)
-    else:
-        l1 = functools.partial(peruser.l1_support, allowed=allowed)
-        support = jax.vmap(l1, (0, 0, 0, None, None))(A, X, y, k, config.l1_steps)
-    fit = peruser.pursue(A, X, y, support, config.inner_steps + 2, ridge, **opts)
-    better = fit.sq_residual < best.sq_residual
-    return jax.tree.map(lambda a, b: peruser._where_rows(better, a, b), fit, best)
+    data = _scaled(X, y, mask, scale, half, config)
+    best = peruser.rescue_candidate(*data, U, best, config, start)
+    return best, peruser.user_cache(*data, U, best)[:2]
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -107,6 +102,16 @@ def _rhs_chunk(X, y, mask, inlier, V, idx, val, scale, half, config):
     data = _shared_data(X, y, mask, inlier, scale, half, config)
     counts = jnp.sum(data.mask, axis=1).astype(V.dtype)
     return shared._rhs(data, V, idx, val, None), (V * counts[:, None]).T @ V
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _rhs_product_chunk(X, y, mask, inlier, V, res, low, scale, half, config):
+    """As :func:`_rhs_chunk` from the fit's predictions, with the normal
+    operator at U (:func:`lrs.shared.rhs_and_product`)."""
+    data = _shared_data(X, y, mask, inlier, scale, half, config)
+    counts = jnp.sum(data.mask, axis=1).astype(V.dtype)
+    rhs, AU = shared.rhs_and_product(data, V, res, low, None)
+    return rhs, AU, (V * counts[:, None]).T @ V
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -269,7 +274,7 @@ def fit(
     stream = _Stream(data, int(chunk_users), mesh)
     key = check_key(key, default=jax.random.key(0))
     scale = _label_scale(stream)
-    state = _HostState(stream.t, config.rank, config.sparsity, stream.dtype)
+    state = _HostState(stream.t, stream.m, config.rank, config.sparsity, stream.dtype)
     state.U = _initial_U(stream, config, key, U0, scale)
     tol, cg_tol = config.tolerances(stream.dtype)
 
@@ -303,9 +308,9 @@ def fit(
 
 
 class _HostState:
-    """Per-user state of the streamed fit, in host memory (``O(t (r + k))``)."""
+    """Per-user state of the streamed fit, in host memory (``O(t (r + k + m))``)."""
 
-    def __init__(self, t: int, r: int, k: int, dtype):
+    def __init__(self, t: int, m: int, r: int, k: int, dtype):
         self.V = np.zeros((t, r), dtype)
         self.indices = np.zeros((t, k), np.int32)
         self.values = np.zeros((t, k), dtype)
@@ -315,9 +320,16 @@ class _HostState:
         self.half = 0  # half-step counter of fresh_samples batches
         self.u_change = np.inf  # of the last shared step
         self.U = None  # (d, r) on the device
+        # the predictions of each user's peruser.UserCache (the support's
+        # columns are gathered again: they would cost host memory O(t m k))
+        self.residual = np.zeros((t, m), dtype)
+        self.low_rank = np.zeros((t, m), dtype)
 
     def fits(self):
         return (self.V, self.indices, self.values, self.sq_residual)
+
+    def predictions(self):
+        return (self.residual, self.low_rank)
 
     def score(self) -> np.ndarray:
         """As :func:`lrs.peruser.relative_residual`."""
@@ -374,15 +386,15 @@ def _initial_U(stream: _Stream, config: AMHTConfig, key, U0, scale) -> jax.Array
 def _per_user_step(stream, state: _HostState, scale, config, steps, cold: bool):
     """As :func:`lrs.peruser.per_user_step`: pursuit pass, then the rescue."""
     U, half, steps = state.U, state.half + 1, jnp.asarray(steps, jnp.int32)
-    targets = state.fits() + (state.y_sq, state.counts)
+    targets = state.fits() + state.predictions() + (state.y_sq, state.counts)
     pending = None
     for rows, (X, y, mask, *warm) in stream.chunks(*(() if cold else (state.indices,))):
         _drain(pending, targets)  # the previous chunk, while this one computes
         support = None if cold else warm[0]
-        fits, y_sq, counts = _pursue_chunk(
+        fits, preds, y_sq, counts = _pursue_chunk(
             X, y, mask, support, U, scale, half, steps, config
         )
-        pending = (rows, _rows_count(rows), (*fits, y_sq, counts))
+        pending = (rows, _rows_count(rows), (*fits, *preds, y_sq, counts))
     _drain(pending, targets)
     n = peruser.rescue_count(stream.t, config)
     if n == 0:
@@ -393,14 +405,15 @@ def _per_user_step(stream, state: _HostState, scale, config, steps, cold: bool):
     worst = np.sort(np.asarray(worst))  # streamed in index order
     starts = ("cold", "l1") if config.l1_steps > 0 else ("cold",)
     rescue = _Stream(stream.data, min(stream.c, n), stream.mesh)  # c <= n users
+    targets = state.fits() + state.predictions()
     pending = None
     for rows, (X, y, mask, *current) in rescue.chunks(*state.fits(), users=worst):
-        _drain(pending, state.fits())
+        _drain(pending, targets)
         best = peruser.UserFit(*current)
         for start in starts:  # one after the other: see _rescue_chunk
-            best = _rescue_chunk(X, y, mask, U, best, scale, half, config, start)
-        pending = (rows, len(rows), best)
-    _drain(pending, state.fits())
+            best, preds = _rescue_chunk(X, y, mask, U, best, scale, half, config, start)
+        pending = (rows, len(rows), (*best, *preds))
+    _drain(pending, targets)
 
 
 def _shared_step(stream, state: _HostState, scale, config, cg_tol):
@@ -413,16 +426,25 @@ def _shared_step(stream, state: _HostState, scale, config, cg_tol):
     half = state.half
     user_arrays = (inlier, state.V, state.indices, state.values)
 
-    def rhs_part(X, y, mask, inl, V, idx, val):
-        return _rhs_chunk(X, y, mask, inl, V, idx, val, scale, half, config)
-
     def normal(D):
         def part(X, y, mask, inl, V, *_):
             return _normal_chunk(X, y, mask, inl, V, D, scale, half, config)
 
         return stream.total(part, *user_arrays)
 
-    rhs, M = stream.total(rhs_part, *user_arrays)
+    AU = None
+    if amht.keeps_cache(config):  # as lrs.amht._shared_update
+
+        def rhs_part(X, y, mask, inl, V, res, low):
+            return _rhs_product_chunk(X, y, mask, inl, V, res, low, scale, half, config)
+
+        rhs, AU, M = stream.total(rhs_part, inlier, state.V, *state.predictions())
+    else:
+
+        def rhs_part(X, y, mask, inl, V, idx, val):
+            return _rhs_chunk(X, y, mask, inl, V, idx, val, scale, half, config)
+
+        rhs, M = stream.total(rhs_part, *user_arrays)
     if config.u_solver == "dense":
         U_ls, stats = shared.solve_U_dense(normal(None), rhs, config.ridge)
     else:
@@ -435,6 +457,7 @@ def _shared_step(stream, state: _HostState, scale, config, cg_tol):
             config.cg_iters,
             tol,
             while_loop=functools.partial(loop.while_loop, host=True),
+            applied=AU,
         )
     return orthonormalize(U_ls)[0], int(stats.cg_iters)
 

@@ -52,7 +52,7 @@ class AMHTConfig:
       cg_iters: maximum CG iterations per shared step.
       cg_tol: floor of the relative residual at which CG stops (``None``:
         1e-5 / 1e-10). Each shared step stops earlier, at
-        ``min(0.1 sqrt(median relative residual of the users), 0.1 x the
+        ``min(0.3 sqrt(median relative residual of the users), 0.1 x the
         previous U change)`` when that is larger: loose while U moves a lot,
         exact enough near the end that a small U change means a fixed point of
         the exact step (not a CG step that barely moved); and CG always takes

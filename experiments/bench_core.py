@@ -339,7 +339,8 @@ def fit_parts(sizes, seed, dtype, rounds=3):
     iters = _first_below(diag.relative_error, 1e-4) or len(diag.relative_error) - 1
     config = lrs.AMHTConfig(rank=r, sparsity=k, num_iters=iters, tol=0.0)
     key = jax.random.key(0)
-    text = lrs.amht._fit.lower(data, config, key, None, None, False).compile()
+    program = jax.jit(lrs.amht._fit_program, static_argnames=("config",))
+    text = program.lower(data, config, key).compile()
     stacks = _hlo_stacks(text.as_text())
     W = jnp.ones((data.num_users, data.dim), data.X.dtype)
     jax.block_until_ready(lrs.fit(data, config)[0])

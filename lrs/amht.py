@@ -267,39 +267,18 @@ def _with_truth(info: AMHTInfo, state: AMHTState, truth, d: int, axis=None):
     )
 
 
-# The callback of the running fit and any exception it raised; a stack so a
-# callback may itself run a fit. Not thread-safe: one fit with a callback at a
-# time per process.
-_REPORTER: list[list] = []
+def _fit_start(data, key, U0, truth, config: AMHTConfig, axis=None):
+    """The fit before iteration 0: ``(data, truth, scale, carry)``.
 
-
-def _report(i, info):
-    if not _REPORTER or _REPORTER[-1][1] is not None:
-        return
-    entry = _REPORTER[-1]
-    try:
-        entry[0](int(i), jax.tree.map(lambda a: np.asarray(a).item(), info))
-    except Exception as error:  # re-raised by fit() once the program finishes
-        entry[1] = error
-
-
-def _report_from(device, i, info):
-    if device == 0:  # sharded fit: every device calls, one reports
-        _report(i, info)
-
-
-def _fit_program(data, config: AMHTConfig, key, U0, truth, report: bool, axis=None):
-    """init + the loop of steps, with the per-user step traced only once.
-
-    Iteration 0 is :func:`init`'s per-user step (cold supports, no shared
-    step); iterations 1.. are :func:`step`. Same results as calling them.
-    With ``axis`` this runs inside ``shard_map`` on one device's users.
+    The labels (and ``truth``'s outputs) are divided by ``scale``, their root
+    mean square: the model is linear in (V, B), every tolerance is relative,
+    and float32 norms of y^2-sized statistics then neither overflow nor
+    underflow; the scale is undone on the way out. ``carry`` is the loop's
+    :class:`lrs.loop.Carry` around the starting state: U from
+    :func:`initial_U` and the cold supports. With ``axis`` this runs inside
+    ``shard_map`` on one device's users.
     """
-    d = data.X.shape[2]
     tol, _ = config.tolerances(data.X.dtype)
-    # Work with y scaled to unit RMS: the model is linear in (V, B), every
-    # tolerance is relative, and float32 norms of y^2-sized statistics then
-    # neither overflow nor underflow. The scale is undone on the way out.
     scale = _label_scale(data, axis)
     data = data._replace(y=data.y / scale)
     if truth is not None:
@@ -325,47 +304,75 @@ def _fit_program(data, config: AMHTConfig, key, U0, truth, report: bool, axis=No
     )
     zero, nan = jnp.zeros((), jnp.int32), jnp.zeros((), U.dtype)
     info = AMHTInfo(nan, nan, zero, nan, nan, zero)
+    return data, truth, scale, loop.start(state, info, _stop_rule(config, tol))
+
+
+def _stop_rule(config: AMHTConfig, tol: float) -> loop.StopRule:
+    return loop.StopRule(config.num_iters, tol, config.stall_iters)
+
+
+def _fit_advance(data, truth, scale, carry, until, config: AMHTConfig, axis=None):
+    """Iterations ``carry.i, ...`` up to the stop rule or ``until`` (traced).
+
+    Iteration 0 is :func:`init`'s per-user step (cold supports, no shared
+    step); iterations 1.. are :func:`step`. Same results as calling them.
+    """
+    d = data.X.shape[2]
+    tol, _ = config.tolerances(data.X.dtype)
 
     def step(i, state):
         state, info = _iterate(state, data, config, i == 0, axis)
         info = _with_truth(info, state, truth, d, axis)
         return state, info._replace(loss=info.loss * scale**2)  # user's units
 
-    def report_step(i, info):
-        if axis is None:
-            jax.debug.callback(_report, i, info, ordered=True)
-        else:
-            device = jax.lax.axis_index(axis.name)
-            jax.debug.callback(_report_from, device, i, info)
-
-    rule = loop.StopRule(config.num_iters, tol, config.stall_iters)
-    report_fn = report_step if report else None
-    state, history, last = loop.iterate(step, state, info, rule, report=report_fn)
-    return _scale_values(_params(state, d), scale), history, last
+    return loop.advance(step, carry, _stop_rule(config, tol), until=until)
 
 
-_fit = jax.jit(_fit_program, static_argnames=("config", "report", "axis"))
+def _fit_program(data, config: AMHTConfig, key, U0=None, truth=None, axis=None):
+    """The whole fit as one traceable function: ``(params, history, last)``
+    (for programs that run many fits, e.g. :mod:`lrs.selection`)."""
+    data, truth, scale, carry = _fit_start(data, key, U0, truth, config, axis)
+    until = config.num_iters + 1
+    carry = _fit_advance(data, truth, scale, carry, until, config, axis)
+    state, history, last = loop.finish(carry)
+    return _scale_values(_params(state, data.X.shape[2]), scale), history, last
 
 
-@functools.partial(jax.jit, static_argnames=("config", "report", "mesh", "t"))
-def _fit_sharded(data, config, key, U0, truth, report: bool, mesh, t: int):
-    """:func:`_fit_program` under ``shard_map``, users split over ``mesh``."""
+_start = jax.jit(_fit_start, static_argnames=("config", "axis"))
+_advance = jax.jit(_fit_advance, static_argnames=("config", "axis"))
+
+
+def _sharded_programs(config: AMHTConfig, mesh, t: int, has_truth: bool):
+    """:func:`_fit_start` and :func:`_fit_advance` under ``shard_map``, users
+    split over ``mesh`` (same signatures as ``_start`` / ``_advance``)."""
     axis = UserAxis(sharding.AXIS, t)
     users, every = P(sharding.AXIS), P()
-    params_spec = LRSParams(every, users, users)
-    truth_spec = None if truth is None else params_spec
-
-    def local(data, key, U0, truth):
-        return _fit_program(data, config, key, U0, truth, report, axis)
-
-    run = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(users, every, every, truth_spec),
-        out_specs=(params_spec, every, every),
-        check_vma=False,
+    truth_spec = LRSParams(every, users, users) if has_truth else None
+    cache = (users,) * 3 if keeps_cache(config) else (None,) * 3
+    state_spec = AMHTState(
+        every, users, users, users, every, users, every, every, *cache
     )
-    return run(data, key, U0, truth)
+    carry_spec = loop.Carry(every, state_spec, every, every, every, every)
+
+    def shard(f, in_specs, out_specs):
+        mapped = jax.shard_map(
+            f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
+        return jax.jit(mapped)
+
+    start = shard(
+        lambda data, key, U0, truth: _fit_start(data, key, U0, truth, config, axis),
+        (users, every, every, truth_spec),
+        (users, truth_spec, every, carry_spec),
+    )
+    advance = shard(
+        lambda data, truth, scale, carry, until: _fit_advance(
+            data, truth, scale, carry, until, config, axis
+        ),
+        (users, truth_spec, every, carry_spec, every),
+        carry_spec,
+    )
+    return start, advance
 
 
 def _sq_norm(a) -> jax.Array:
@@ -448,44 +455,35 @@ def fit(
     if truth is not None:
         check_truth(truth, t, d)
     key = check_key(key, default=jax.random.key(0))
-    run = _fit
-    if mesh is not None:
-        run = _sharded_runner(data, mesh)
+    t = data.num_users
+    if mesh is None:
+        start = functools.partial(_start, config=config)
+        advance = functools.partial(_advance, config=config)
+    else:
+        start, advance = _sharded_programs(config, mesh, t, truth is not None)
         data = sharding.shard_data(data, mesh)
         if truth is not None:
             truth = sharding.shard_truth(truth, mesh)
-    if callback is not None:
-        _REPORTER.append([callback, None])
-    try:
-        params, history, done = run(data, config, key, U0, truth, callback is not None)
-        jax.block_until_ready(params)
-        jax.effects_barrier()
-    finally:
-        error = _REPORTER.pop()[1] if callback is not None else None
-    if error is not None:
-        raise error
-    n = int(done) + 1
+    data, truth, scale, carry = start(data, key, U0, truth)
+    if callback is None:
+        carry = advance(data, truth, scale, carry, config.num_iters + 1)
+    else:  # one iteration per call of the same compiled program: same results
+        while int(carry.code) == 0:
+            i = int(carry.i)
+            carry = advance(data, truth, scale, carry, i + 1)
+            info = jax.tree.map(lambda h: np.asarray(h[i]).item(), carry.history)
+            callback(i, AMHTInfo(*info))
+    state, history, last = loop.finish(carry)
+    params = _scale_values(_params(state, data.X.shape[2]), scale)
+    if mesh is not None:  # back to the default device, without the padded users
+        params, history = jax.tree.map(sharding.gathered, (params, history))
+        B = params.B
+        B = SparseRows(B.indices[:t], B.values[:t], B.dim)
+        params = LRSParams(params.U, params.V[:t], B)
+    n = int(last) + 1
     diagnostics = jax.tree.map(lambda h: np.asarray(h)[:n], history)
     raise_if_nonfinite(params, diagnostics.loss)
     return params, diagnostics
-
-
-def _sharded_runner(data: UserData, mesh):
-    """``_fit``'s signature for the sharded program.
-
-    The results come back to the default device without the padded users.
-    """
-    sharding.check_mesh(mesh)
-    t = data.num_users
-
-    def run(data, config, key, U0, truth, report):
-        out = _fit_sharded(data, config, key, U0, truth, report, mesh, t)
-        params, history, done = jax.tree.map(sharding.gathered, out)
-        B = params.B
-        B = SparseRows(B.indices[:t], B.values[:t], B.dim)
-        return LRSParams(params.U, params.V[:t], B), history, done
-
-    return run
 
 
 def personalize(U, data_new: UserData, config: AMHTConfig):
@@ -517,7 +515,7 @@ def personalize(U, data_new: UserData, config: AMHTConfig):
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _personalize(U, data, config):
-    scale = _label_scale(data)  # as in _fit
+    scale = _label_scale(data)  # as in _fit_start
     data = data._replace(y=data.y / scale)
     fits = per_user_step(data, U, None, config)
     fits = per_user_step(data, U, fits.support, config)

@@ -82,6 +82,86 @@ def stop_code(i, num_iters: int, change, best, since_best, loss, tol, stall: int
     return code.astype(jnp.int32)
 
 
+class Carry(NamedTuple):
+    """The loop's state between iterations (see :func:`start` / :func:`advance`).
+
+    ``i``: the next iteration; ``history``: ``info`` stacked over
+    ``num_iters + 1`` entries; ``best`` / ``since_best``: the smallest U
+    change so far and iterations since; ``code``: :func:`stop_code` of the
+    last iteration (0: go on).
+    """
+
+    i: Any
+    state: Any
+    history: Any
+    best: Any
+    since_best: Any
+    code: Any
+
+
+def start(state, info, rule: StopRule) -> Carry:
+    """The :class:`Carry` before iteration 0; ``info`` gives the history's
+    structure and dtypes (its values are not used)."""
+    history = jax.tree.map(
+        lambda a: jnp.zeros((rule.num_iters + 1,), jnp.asarray(a).dtype), info
+    )
+    zero = jnp.zeros((), jnp.int32)
+    inf = jnp.asarray(jnp.inf, jnp.asarray(info.loss).dtype)
+    return Carry(zero, state, history, inf, zero, zero)
+
+
+def advance(
+    step: Callable[[Any, Any], tuple[Any, Any]],
+    carry: Carry,
+    rule: StopRule,
+    *,
+    until=None,
+    host: bool = False,
+    report: Callable[[Any, Any], None] | None = None,
+) -> Carry:
+    """Runs ``step`` from ``carry.i`` until :func:`stop_code` says stop, or
+    before iteration ``until`` (may be traced; ``None``: no such limit).
+
+    Running to ``until = i + 1`` again and again computes exactly what one
+    call computes: the host can look at every iteration (a progress
+    callback) with the same compiled body and no callback inside it.
+    """
+
+    def cond(carry):
+        go = carry.code == 0
+        return go if until is None else go & (carry.i < until)
+
+    def body(carry):
+        i, state, history, best, since, _ = carry
+        state, info = step(i, state)
+        change = jnp.where(i == 0, jnp.inf, info.u_change)
+        since = jnp.where(change < best, 0, since + 1)
+        best = jnp.minimum(best, change)
+        code = stop_code(
+            i,
+            rule.num_iters,
+            change,
+            best,
+            since,
+            info.loss,
+            rule.tol,
+            rule.stall_iters,
+        )
+        info = info._replace(stop_code=code)
+        if report is not None:
+            report(i, info)
+        history = jax.tree.map(lambda h, a: h.at[i].set(a), history, info)
+        return Carry(i + 1, state, history, best, since, code)
+
+    return while_loop(cond, body, carry, host=host)
+
+
+def finish(carry: Carry):
+    """``(state, history, last)`` of a finished :class:`Carry`: the index of
+    the last iteration run is ``last``."""
+    return carry.state, carry.history, carry.i - 1
+
+
 def iterate(
     step: Callable[[Any, Any], tuple[Any, Any]],
     state,
@@ -104,44 +184,14 @@ def iterate(
       rule: the :class:`StopRule`.
       host: run as a Python loop (each step may stream host data).
       report: called as ``report(i, info)`` after every iteration, inside
-        the loop (wrap it in ``jax.debug.callback`` on the device).
+        the loop (on the device that needs ``jax.debug.callback``;
+        :func:`lrs.fit` instead advances the loop one iteration per call and
+        reports from the host).
 
     Returns:
       ``(state, history, last)``: the final state, ``info`` stacked over
       ``num_iters + 1`` entries (entry ``i`` after iteration ``i``; entries
       after ``last`` are zeros) and the index of the last iteration run.
     """
-    history = jax.tree.map(
-        lambda a: jnp.zeros((rule.num_iters + 1,), jnp.asarray(a).dtype), info
-    )
-
-    def cond(carry):
-        return carry[-1] == 0
-
-    def body(carry):
-        i, state, history, best, since, _ = carry
-        state, info = step(i, state)
-        change = jnp.where(i == 0, jnp.inf, info.u_change)
-        since = jnp.where(change < best, 0, since + 1)
-        best = jnp.minimum(best, change)
-        code = stop_code(
-            i,
-            rule.num_iters,
-            change,
-            best,
-            since,
-            info.loss,
-            rule.tol,
-            rule.stall_iters,
-        )
-        info = info._replace(stop_code=code)
-        if report is not None:
-            report(i, info)
-        history = jax.tree.map(lambda h, a: h.at[i].set(a), history, info)
-        return i + 1, state, history, best, since, code
-
-    zero = jnp.zeros((), jnp.int32)
-    inf = jnp.asarray(jnp.inf, jnp.asarray(info.loss).dtype)
-    carry = (zero, state, history, inf, zero, zero)
-    done, state, history, *_ = while_loop(cond, body, carry, host=host)
-    return state, history, done - 1
+    carry = start(state, info, rule)
+    return finish(advance(step, carry, rule, host=host, report=report))

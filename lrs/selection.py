@@ -173,7 +173,7 @@ def _score_candidates(data, train, scored, valid, penalties, key, config, batch_
         fold, pair = args
         cfg = _with_penalties(config, penalties[pair, 0], penalties[pair, 1])
         fit_data = data._replace(mask=train[fold])
-        params, history, done = amht._fit_program(fit_data, cfg, key, None, None, False)
+        params, history, done = amht._fit_program(fit_data, cfg, key)
         sq, n = _squared_error(params, scored, valid[fold], chunk)
         return sq, n, done, history.stop_code[done]
 

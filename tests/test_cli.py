@@ -10,7 +10,7 @@ import pytest
 from lrs._xla import DEADLOCK_FLAG
 
 
-def _run(*args, timeout=120):
+def _run(*args, timeout=240):
     env = dict(os.environ, XLA_FLAGS=DEADLOCK_FLAG, JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, "-m", "lrs.cli", *args],

@@ -25,8 +25,9 @@ separate programs (docs/scale.md).
    :func:`use_compilation_cache` turns on JAX's persistent compilation cache
    (bounded and locked), so a program compiled once is loaded from disk by
    later processes.
-   Programs with host callbacks (a fit with ``callback=``) are not cached
-   (JAX's rule).
+   JAX never caches a program with a host callback (``jax.debug.callback``),
+   so a fit with ``callback=`` runs its compiled loop one iteration per call
+   and calls back from Python instead.
 
 The CLI, the benchmark scripts and the test suite call
 :func:`avoid_cpu_deadlock` first, and the CLI and the scripts

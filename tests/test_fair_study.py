@@ -1,6 +1,7 @@
 """lrs.studies.fair (issue 18): the protocol's pieces, the per-user class bias,
 the teachers, the storage accounting, and one micro end-to-end run."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -245,6 +246,69 @@ def test_bytes_per_user_of_every_method(method):
 # --- end to end ----------------------------------------------------------------
 
 
+# --- user-level DP of the shared parts ------------------------------------------
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])  # the curve's ends; 2 and 4 in the run
+def test_dp_noise_multiplier_spends_the_target_epsilon(epsilon):
+    from lrs.nn import dp
+    from lrs.private import accounting
+
+    setup = dataclasses.replace(TINY, dp_steps=5)
+    config = fair.dp_config(setup, epsilon)
+    assert config.train == "all" and config.users_per_step == setup.users
+    z, name = dp.noise_multiplier(config, setup.users)
+    plan = accounting.Plan(steps=5, private_init=False, moment_histogram=False,
+                           step_histogram=False, num_users=setup.users,
+                           batch_size=setup.users)  # fmt: skip
+    spent = accounting.epsilon_spent(plan, z, setup.dp_delta, name)
+    assert name == "pld" and 0.99 * epsilon <= spent <= epsilon * (1 + 1e-6)
+    # a 10% smaller noise multiplier would overspend: z is the calibrated one
+    assert accounting.epsilon_spent(plan, 0.9 * z, setup.dp_delta, name) > epsilon
+    assert dp.noise_multiplier(fair.dp_config(setup, math.inf), 4)[0] == 0.0
+
+
+def _tiny_dp_model(users=4, seed=0):
+    method = next(m for m in fair.methods("all") if m.label == "lrs:r2k4")
+    model = fair.Classifier(TINY, rngs=nnx.Rngs(seed))
+    fair.personalize(model, method, users, jax.random.key(seed))
+    return model
+
+
+@pytest.mark.slow  # compiles the classifier's per-user gradient (~30-100 s loaded)
+def test_dp_one_users_clipped_contribution_is_bounded():
+    """Replacing one user (labels and tokens) moves the step's gradient sum by
+    at most twice the clip norm, on the study's classifier and loss."""
+    from lrs.nn import dp
+
+    users, clip = 4, 0.05
+    model = _tiny_dp_model(users)
+    k1, k2 = jax.random.split(jax.random.key(3))
+    x = jax.random.randint(k1, (users, 2, TINY.seq_len), 0, TINY.vocab)
+    y = jax.random.randint(k2, (users, 2), 0, TINY.num_classes)
+    x2, y2 = x.at[0].set((x[0] + 1) % TINY.vocab), y.at[0].set((y[0] + 1) % 3)
+    graphdef, itabs, ftabs, shared, frozen = nnx.split(
+        model, fair.UserSupport, dp._FLOAT_TABLE, nnx.Param, ...
+    )
+    config = dp.DPTrainConfig(steps=1, users_per_step=users, clip_norm=clip)
+    opt = __import__("optax").sgd(0.0)
+    step = dp._make_step(graphdef, opt, fair.cross_entropy, config, 0.0, users)
+    zeros = jax.tree.map(jnp.zeros_like, shared)
+    state = (itabs, ftabs, shared, opt.init(shared))
+
+    def total(a, b):
+        return jnp.concatenate(
+            [jnp.ravel(v) for v in jax.tree.leaves(
+                step(state, frozen, a, b, jax.random.key(0), zeros)[1][1])]
+        ) * users  # fmt: skip
+
+    moved = float(jnp.linalg.norm(total(x, y) - total(x2, y2)))
+    assert 0 < moved <= 2 * clip * (1 + 1e-4)
+    # the shared parts are the base and U (every nnx.Param but the user rows)
+    assert any("U" in str(p) for p, _ in nnx.to_flat_state(shared))
+    assert any("embed" in str(p) for p, _ in nnx.to_flat_state(shared))
+
+
 @pytest.mark.slow  # ~60 s on 2 loaded cores: compiles 4 programs
 def test_micro_run_end_to_end(tmp_path):
     """main(['--quick', ...]) at an even smaller size: every row has the same
@@ -277,12 +341,39 @@ def test_micro_run_end_to_end(tmp_path):
     assert (out / fair.PLOT_NAME).stat().st_size > 10_000
 
 
+@pytest.mark.slow  # ~4 min on 2 loaded cores: DP steps, the program, the audit
+def test_micro_dp_run_end_to_end(tmp_path):
+    out = tmp_path / "dp"
+    argv = ["--quick", "--dp-only", "--out", str(out), "--teachers", "lrs",
+            "--users", "4", "--steps", "10", "--dp-epsilons", "1,inf",
+            "--dp-trials", "400"]  # fmt: skip
+    assert fair.main(argv) == 0
+    record = json.loads((out / fair.RESULTS_NAME).read_text())
+    part = record["dp"]
+    assert [float(r["epsilon"]) for r in part["rows"]] == [0.0, 1.0, math.inf]
+    zero, one, inf = part["rows"]
+    assert zero["noise_multiplier"] == [] and inf["noise_multiplier"] == [0.0, 0.0]
+    assert all(z > 1 for z in one["noise_multiplier"])
+    assert all(0.99 <= float(e) <= 1.0 for e in one["epsilon_spent"])
+    for r in part["rows"]:
+        for split in ("trained", "new"):
+            assert len(r[split]["acc"]) == 2
+            assert set(r["local"]["lr"]) <= set(fair.GRID)
+    audit = part["audit"]
+    assert audit["below_claim"] and audit["epsilon_lower_bound"] <= 4.0
+    assert 0 < audit["sensitivity_used"] <= 2 * (1 + 1e-4)
+    table = (out / fair.TABLE_NAME).read_text()
+    assert fair.dp_markdown(record) in table
+    assert (out / fair.DP_PLOT_NAME).stat().st_size > 10_000
+
+
 def test_the_docs_tables_are_the_ones_the_record_gives():
     """docs/fair_study.md's tables are generated from the committed JSON
     (``fair.markdown``), not copied by hand."""
     root = Path(__file__).resolve().parent.parent
     record = json.loads((root / "docs/bench/fair/fair_study.json").read_text())
     assert record["complete"] and record["setup"]["seeds"] >= 3
-    assert (
-        fair.markdown(fair.rejudge(record)) in (root / "docs/fair_study.md").read_text()
-    )
+    page = (root / "docs/fair_study.md").read_text()
+    assert fair.markdown(fair.rejudge(record)) in page
+    if "dp" in record:
+        assert fair.dp_markdown(record) in page

@@ -210,3 +210,47 @@ def test_the_audit_of_one_step_catches_half_the_noise():
         4.0, trials=50_000, fault="half_noise", key=jax.random.key(0)
     )
     assert broken.flagged
+
+
+def test_infinite_epsilon_is_plain_non_private_training():
+    """epsilon=inf: no clipping, no noise: one step is Adam on the mean over
+    users of each user's mean-loss gradient (computed here by hand)."""
+    import optax
+
+    model, (x, y) = _model(), _data()
+    graphdef, tables, shared, rest = nnx.split(
+        model, layers.UserTable, layers.SharedParam, ...
+    )
+
+    def loss(s):
+        def one(u):
+            m = nnx.merge(graphdef, tables, s, rest)
+            with layers.users(jnp.full((M,), u, jnp.int32)):
+                return dp._mse(m(x[u]), y[u])
+
+        return jnp.mean(jax.vmap(one)(jnp.arange(N)))
+
+    opt = optax.adam(1e-2)
+    g = jax.grad(loss)(shared)
+    expected = optax.apply_updates(shared, opt.update(g, opt.init(shared), shared)[0])
+    config = dp.DPTrainConfig(
+        epsilon=math.inf, steps=1, users_per_step=N, learning_rate=1e-2,
+        user_lr=0.0, clip_norm=1e-3,  # no clipping at inf, however small
+    )  # fmt: skip
+    dp.train_shared_private(model, x, y, config, key=jax.random.key(0))
+    got = nnx.state(model, layers.SharedParam)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_sweep_over_epsilon_compiles_one_step_and_calibrates_once():
+    model, (x, y) = _model(), _data()
+    dp._calibrate.cache_clear()
+    before = dp._cached_step.cache_info()
+    for eps in (2.0, 4.0, 2.0):
+        config = dp.DPTrainConfig(epsilon=eps, steps=2, users_per_step=N)
+        result = dp.train_shared_private(model, x, y, config, key=jax.random.key(1))
+        assert result.epsilon <= eps
+    after = dp._cached_step.cache_info()
+    assert after.misses - before.misses <= 1 and after.hits - before.hits >= 2
+    assert dp._calibrate.cache_info().misses == 2  # eps 2 is calibrated once

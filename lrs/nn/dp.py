@@ -30,6 +30,7 @@ Accounting: ``steps`` compositions of the subsampled Gaussian, by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -146,7 +147,14 @@ def noise_multiplier(config: DPTrainConfig, num_users: int) -> tuple[float, str]
     name = "rdp" if plan.subsampled else "pld"
     if config.non_private:
         return 0.0, name
-    return accounting.calibrate(plan, config.epsilon, config.delta, name), name
+    return _calibrate(plan, float(config.epsilon), float(config.delta), name), name
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate(plan, epsilon, delta, name) -> float:
+    """:func:`lrs.private.accounting.calibrate`, once per plan and budget (the
+    search takes seconds; seeds and repeated runs reuse it)."""
+    return accounting.calibrate(plan, epsilon, delta, name)
 
 
 def _check_inputs(model, inputs, targets) -> int:
@@ -226,15 +234,17 @@ def train_shared_private(
     )
     for leaf in jax.tree.leaves(shared):
         check_representable("clip_norm", float(config.clip_norm), leaf.dtype)
-    optimizer = optax.adam(config.learning_rate)
-    step = _make_step(graphdef, optimizer, loss_fn, config, z, batch)
-    state = (itabs, ftabs, shared, optimizer.init(shared))
+    step = _cached_step(
+        graphdef, loss_fn, float(config.learning_rate), float(config.clip_norm),
+        float(config.user_lr), not config.non_private, batch,
+    )  # fmt: skip
+    state = (itabs, ftabs, shared, optax.adam(config.learning_rate).init(shared))
     losses = []
     steps = range(config.steps)
     for i in progress(steps) if progress else steps:
         k_batch, k_noise = jax.random.split(jax.random.fold_in(key, i))
         normals = _normals(k_noise, shared)
-        state, (loss, _) = step(state, frozen, inputs, targets, k_batch, normals)
+        state, (loss, _) = step(state, frozen, inputs, targets, k_batch, normals, z)
         losses.append(loss)
     nnx.update(model, state[1], state[2])
     epsilon = (
@@ -277,6 +287,30 @@ def _mse(outputs, targets):
 
 
 def _make_step(graphdef, optimizer, loss_fn, config, z, batch):
+    """One jitted step with the noise multiplier ``z`` fixed (the audit's use)."""
+    step = _build_step(
+        graphdef, optimizer, loss_fn, float(config.clip_norm),
+        float(config.user_lr), config.non_private, batch,
+    )  # fmt: skip
+
+    def fixed(state, frozen_state, inputs, targets, key, normals):
+        return step(state, frozen_state, inputs, targets, key, normals, z)
+
+    return fixed
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_step(graphdef, loss_fn, learning_rate, clip_norm, user_lr, private, batch):
+    """The jitted step of :func:`train_shared_private`, built once per model
+    structure, loss and step sizes: the noise multiplier is an argument, so a
+    sweep over epsilon (or seeds with the same structure) compiles once."""
+    return _build_step(
+        graphdef, optax.adam(learning_rate), loss_fn, clip_norm, user_lr,
+        not private, batch,
+    )  # fmt: skip
+
+
+def _build_step(graphdef, optimizer, loss_fn, clip_norm, user_lr, non_private, batch):
     def user_loss(shared, frows, irows, frozen_state, x, y):
         """One user's mean loss; its rows are a table of one row (id 0)."""
         model = nnx.merge(graphdef, irows, frows, shared, frozen_state)
@@ -286,7 +320,7 @@ def _make_step(graphdef, optimizer, loss_fn, config, z, batch):
 
     grad = jax.value_and_grad(user_loss, argnums=(0, 1))
 
-    def step(state, frozen_state, inputs, targets, key, normals):
+    def step(state, frozen_state, inputs, targets, key, normals, z):
         itabs, ftabs, shared, opt_state = state
         n = jax.tree.leaves(ftabs)[0].shape[0]
         ids = jax.random.choice(key, n, (batch,), replace=False)
@@ -303,22 +337,20 @@ def _make_step(graphdef, optimizer, loss_fn, config, z, batch):
         norms = jnp.sqrt(
             sum(jnp.square(mech.safe_norm(g, tuple(range(1, g.ndim)))) for g in leaves)
         )
-        if config.non_private:
+        if non_private:
             weights = jnp.where(jnp.isfinite(norms), 1, 0).astype(norms.dtype)
         else:
-            clip = jnp.asarray([config.clip_norm], norms.dtype)
+            clip = jnp.asarray([clip_norm], norms.dtype)
             weights = mech.clip_weights(norms[:, None], clip)
         total = jax.tree.map(lambda g: jnp.sum(mech.weighted(g, weights), 0), grads)
-        scale = 2.0 * z * config.clip_norm
+        scale = 2.0 * z * clip_norm
         released = jax.tree.map(
             lambda s, e: (s + scale * e.astype(s.dtype)) / batch, total, normals
         )
         updates, opt_state = optimizer.update(released, opt_state, shared)
         shared = optax.apply_updates(shared, updates)
         ftabs = jax.tree.map(
-            lambda t, g: t.at[ids].set(
-                _finite_or(t[ids] - config.user_lr * g[:, 0], t[ids])
-            ),
+            lambda t, g: t.at[ids].set(_finite_or(t[ids] - user_lr * g[:, 0], t[ids])),
             ftabs,
             row_grads,
         )

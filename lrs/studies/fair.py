@@ -38,7 +38,14 @@ against bytes per user per teacher, with the Pareto front) and
 ``fair_study.md`` (the tables of wins / ties / losses against LRS, generated
 from the JSON by :func:`markdown`).
 
-Run ``python experiments/fair_study.py [--quick] [--out DIR] [--seeds N]``.
+* **User-level DP of the shared parts** (``--dp``, :func:`run_dp`): the
+  base and LRS's ``U`` trained by :func:`lrs.nn.dp.train_shared_private`
+  (each user's clipped gradient, Gaussian noise, ``dp_accounting``) at each
+  epsilon of ``Setup.dp_epsilons``, every user's own rows then fitted
+  locally; one step audited with a canary (:func:`audit_dp_step`). The
+  record's ``dp`` section, ``fair_study_dp.png`` and :func:`dp_markdown`.
+
+Run ``python experiments/fair_study.py [--quick] [--dp] [--out DIR] [--seeds N]``.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from lrs.validation import check_integer
 
 RESULTS_NAME = "fair_study.json"
 PLOT_NAME = "fair_study.png"
+DP_PLOT_NAME = "fair_study_dp.png"
 TABLE_NAME = "fair_study.md"
 
 #: The learning-rate grid of the adapters' parameters: the same for every method.
@@ -130,6 +138,19 @@ class Setup:
       none_variants: the variants run on the ``none`` teacher (those of
         ``variants`` that are also listed here).
       only: run only these method names or ``name:size`` labels (empty: all).
+      dp: also run the user-level DP part (:func:`run_dp`) on the ``lrs``
+        teacher (or the first teacher when it is not run).
+      dp_method: the LRS size the DP part trains (a :func:`methods` label).
+      dp_epsilons: the budgets of the DP curve (``inf``: the same training
+        without clipping or noise).
+      dp_delta, dp_steps, dp_users_per_step, dp_clip, dp_lr, dp_user_lr: the
+        :class:`lrs.nn.dp.DPTrainConfig` of the shared phase (fixed in
+        advance, not tuned on the users' data; ``dp_users_per_step = 0``:
+        every trained user in every step, accounted by PLD without
+        subsampling).
+      dp_audit_trials: runs per side of the one-step canary audit
+        (:func:`audit_dp_step`; 0: no audit).
+      dp_audit_epsilon: the claim of the audited step.
     """
 
     vocab: int = 8
@@ -156,6 +177,17 @@ class Setup:
     none_sizes: str = "one"
     none_variants: tuple = ("frozen",)
     only: tuple = ()
+    dp: bool = False
+    dp_method: str = "lrs:r4k8"
+    dp_epsilons: tuple = (1.0, 2.0, 4.0, 8.0, math.inf)
+    dp_delta: float = 1e-5
+    dp_steps: int = 40
+    dp_users_per_step: int = 0
+    dp_clip: float = 1.0
+    dp_lr: float = 3e-3
+    dp_user_lr: float = 0.1
+    dp_audit_trials: int = 20_000
+    dp_audit_epsilon: float = 4.0
 
     def __post_init__(self):
         for name in (
@@ -200,6 +232,15 @@ class Setup:
         bad = [x for x in self.only if x not in known]
         if bad:
             raise ValueError(f"only: unknown methods {bad}; known: {sorted(known)}")
+        lrs_labels = [m.label for m in methods("all") if m.name == "lrs"]
+        if self.dp_method not in lrs_labels:
+            raise ValueError(f"dp_method must be one of {lrs_labels}")
+        if not self.dp_epsilons or any(not e > 0 for e in self.dp_epsilons):
+            raise ValueError(f"dp_epsilons must be > 0; got {self.dp_epsilons}")
+        check_integer("dp_audit_trials", self.dp_audit_trials, 0)
+        check_integer("dp_users_per_step", self.dp_users_per_step, 0)
+        if 0 < self.dp_audit_trials < 2:
+            raise ValueError("dp_audit_trials must be 0 or >= 2")
 
     @property
     def checks(self) -> int:
@@ -378,6 +419,10 @@ QUICK = Setup(
     seeds=2,
     sweep="small",
     variants=("frozen",),
+    dp_method="lrs:r2k4",
+    dp_epsilons=(1.0, 8.0, math.inf),
+    dp_steps=20,
+    dp_audit_trials=2_000,
 )
 
 
@@ -1173,7 +1218,7 @@ def run(setup: Setup, out: Path, *, seed: int = 0, log=_log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     clock = _Clock()
     load_start = os.getloadavg()
-    teachers, compiled = [], {}
+    teachers, compiled, dp_part = [], {}, None
     for t_i, teacher in enumerate(setup.teachers):
         seed_keys = [
             jax.random.fold_in(jax.random.key(seed), 1000 * t_i + s)
@@ -1203,6 +1248,8 @@ def run(setup: Setup, out: Path, *, seed: int = 0, log=_log) -> dict:
             )
         refs = references(rows)
         judge(rows, refs)
+        if setup.dp and teacher == dp_teacher(setup):
+            dp_part = dp_section(setup, teacher, pre, seed_keys, splits, compiled, log)
         teachers.append(
             dict(
                 teacher=teacher,
@@ -1213,8 +1260,68 @@ def run(setup: Setup, out: Path, *, seed: int = 0, log=_log) -> dict:
             )
         )
         record = _record(setup, seed, teachers, clock, load_start)
+        if dp_part is not None:
+            record["dp"] = dp_part
         record["complete"] = t_i == len(setup.teachers) - 1
         write(record, out)
+    return record
+
+
+def dp_teacher(setup: Setup) -> str:
+    """The teacher of the DP part: ``lrs`` when it runs, else the first."""
+    return "lrs" if "lrs" in setup.teachers else setup.teachers[0]
+
+
+def dp_section(setup, teacher, pre, seed_keys, splits, compiled, log=_log) -> dict:
+    """The record's ``dp`` section: :func:`run_dp` and :func:`audit_dp_step`."""
+    part = dict(teacher=teacher, **run_dp(setup, pre["states"], seed_keys, splits,
+                                          compiled, log))  # fmt: skip
+    part["global"] = dict(trained=pre["trained"], new=pre["new"])
+    part["setup"] = {
+        k: v for k, v in dataclasses.asdict(setup).items() if k.startswith("dp")
+    }
+    if setup.dp_audit_trials:
+        part["audit"] = audit_dp_step(
+            setup, pre["states"][0], key=_keys(seed_keys[0], "audit")
+        )
+        a = part["audit"]
+        log(
+            f"[dp] audit of one step: lower bound {a['epsilon_lower_bound']:.3f} "
+            f"<= claim {a['epsilon_claimed']:.3f}: {a['below_claim']} "
+            f"({a['seconds']:.0f} s)"
+        )
+    return part
+
+
+def run_dp_only(setup: Setup, out: Path, *, seed: int = 0, into=None, log=_log):
+    """Only the DP part (its teacher's tasks and bases, rebuilt from ``seed``).
+
+    ``into``: a saved record (same setup and seed) that gets the ``dp``
+    section; its global row must be reproduced exactly (the same bases).
+    """
+    clock = _Clock()
+    teacher = dp_teacher(setup)
+    t_i = setup.teachers.index(teacher)
+    seed_keys = [
+        jax.random.fold_in(jax.random.key(seed), 1000 * t_i + s)
+        for s in range(setup.seeds)
+    ]
+    tasks = [make_task(_keys(k, "task"), teacher, setup) for k in seed_keys]
+    tokens = np.stack([t["tokens"] for t in tasks])
+    labels = np.stack([t["labels"] for t in tasks])
+    splits = _splits(tokens, labels, setup)
+    pre = pretrain(setup, tasks, tokens, labels, seed_keys, {})
+    part = dp_section(setup, teacher, pre, seed_keys, splits, {}, log)
+    if into is not None:  # the same bases as the saved comparison's?
+        saved = next(t for t in into["teachers"] if t["teacher"] == teacher)
+        part["global_reproduced"] = bool(
+            np.allclose(saved["rows"][0]["trained"]["acc"], pre["trained"])
+        )
+    part["seconds_with_pretraining"] = clock.seconds()
+    record = into if into is not None else dict(study="fair", teachers=[])
+    record["dp"] = part
+    record.setdefault("complete", True)
+    write(record, out)
     return record
 
 
@@ -1251,11 +1358,17 @@ def _record(setup, seed, teachers, clock, load_start) -> dict:
 
 
 def write(record: dict, out: Path) -> None:
-    """Writes ``fair_study.json``, ``fair_study.md`` and ``fair_study.png``."""
+    """Writes ``fair_study.json``, ``fair_study.md`` and ``fair_study.png``
+    (and ``fair_study_dp.png`` when the record has a ``dp`` section)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_NAME).write_text(json.dumps(_plain(record), indent=1) + "\n")
-    (out / TABLE_NAME).write_text(markdown(record) + "\n")
-    plot(record, out / PLOT_NAME)
+    parts = [markdown(record)] if record["teachers"] else []
+    if "dp" in record:
+        parts.append(dp_markdown(record))
+        plot_dp(record, out / DP_PLOT_NAME)
+    (out / TABLE_NAME).write_text("\n\n".join(parts) + "\n")
+    if record["teachers"]:
+        plot(record, out / PLOT_NAME)
 
 
 def rejudge(record: dict) -> dict:
@@ -1277,6 +1390,234 @@ def _plain(x):
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
+
+
+# ----------------------------------------------------------------------------
+# user-level DP training of the shared parts (base and U), personal rows local
+
+
+def cross_entropy(logits, labels):
+    """Mean cross-entropy of one user's examples (the DP part's ``loss_fn``)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def dp_config(setup: Setup, epsilon: float):
+    """The :class:`lrs.nn.dp.DPTrainConfig` of the shared phase at ``epsilon``.
+
+    ``train='all'``: every ``nnx.Param`` that is not a per-user table, i.e.
+    the pretrained base and the adapters' shared factors ``U``.
+    """
+    from lrs.nn import dp
+
+    return dp.DPTrainConfig(
+        epsilon=float(epsilon),
+        delta=setup.dp_delta,
+        steps=setup.dp_steps,
+        users_per_step=setup.dp_users_per_step or setup.users,
+        clip_norm=setup.dp_clip,
+        learning_rate=setup.dp_lr,
+        user_lr=setup.dp_user_lr,
+        train="all",
+    )
+
+
+def _dp_models(setup, method, bases, seed_keys, tokens, labels, epsilon):
+    """Per seed: the shared phase at ``epsilon`` (0: none), then fresh rows.
+
+    Returns the stacked :func:`split` parameters (every user's rows reset to
+    a new user's, so the personal phase is the same for every budget) and
+    the :class:`lrs.nn.dp.DPTrainResult` s.
+    """
+    from lrs.nn import dp
+
+    params, results = [], []
+    for s, (base, key) in enumerate(zip(bases, seed_keys)):
+        model = Classifier(setup, rngs=_rngs(_keys(key, "base")))
+        nnx.update(model, base)
+        personalize(model, method, setup.users, _keys(key, method.label))
+        if epsilon > 0:
+            results.append(
+                dp.train_shared_private(
+                    model,
+                    jnp.asarray(tokens[s]),
+                    jnp.asarray(labels[s]),
+                    dp_config(setup, epsilon),
+                    key=_keys(key, f"dp {epsilon}"),
+                    loss_fn=cross_entropy,
+                )
+            )
+        for layer in adapter_layers(model).values():
+            for name, rows in layer.new_rows(setup.users).items():
+                getattr(layer, name)[...] = rows
+        params.append(split(model)[1])
+    return _stack(params), results
+
+
+def run_dp(setup, bases, seed_keys, splits, compiled, log=None) -> dict:
+    """Accuracy against epsilon: DP shared phase, then local personal phase.
+
+    For each budget in ``(0, *setup.dp_epsilons)`` and each seed: the shared
+    parts of ``setup.dp_method`` (the pretrained base and ``U``) are trained
+    on the trained users' ``m`` samples by
+    :func:`lrs.nn.dp.train_shared_private` (user-level DP-SGD: each sampled
+    user's clipped gradient, Gaussian noise, ``dp_accounting``; budget 0: not
+    trained at all, the pretrained base and the initial ``U``). Then, with
+    everything shared frozen, every user's own rows (``V`` and the ``k``
+    sparse entries, by iterative hard thresholding) are fitted on that user's
+    samples only (local: they are never released) by the study's program
+    (:func:`make_program`, same grid and steps), for trained and cold-start
+    users alike. The personal phase's (rate, step) is chosen on the
+    calibration users (not in the DP training set) and applied to the
+    trained and the new users. Returns the ``dp`` section of the record.
+    """
+    method = next(m for m in methods("all") if m.label == setup.dp_method)
+    clock = _Clock()
+    graphdef, params, info = _initial(setup, method, bases, seed_keys)
+    grid = jnp.asarray(setup.grid, jnp.float32)
+    if method.label not in compiled:
+        compiled[method.label] = (
+            make_program(graphdef, info["sparsity"], setup)
+            .lower(params, grid, jnp.ones(2, jnp.float32), splits["trained"])
+            .compile()
+        )
+    program = compiled[method.label]
+    zeros = jnp.zeros(2, jnp.float32)
+    S, h = len(seed_keys), setup.users // 2
+    tok, lab = splits["trained"][:2]
+    rows = []
+    for epsilon in (0.0, *setup.dp_epsilons):
+        start = _Clock()
+        stacked, results = _dp_models(
+            setup, method, bases, seed_keys, tok, lab, epsilon
+        )
+        dp_seconds = start.seconds()
+        t_b = np.asarray(program(stacked, grid, zeros, splits["trained"])[1])
+        c_a, c_b = (np.asarray(a) for a in program(stacked, grid, zeros,
+                                                   splits["cold"])[:2])  # fmt: skip
+        choice = _choose(c_a[..., :h].mean(-1), setup.grid, setup.eval_every)
+        idx = (range(S), choice["lr_index"], choice["check"])
+        trained = t_b.mean(-1)[idx]
+        new = ((c_a[..., h:].mean(-1) + c_b[..., h:].mean(-1)) / 2)[idx]
+        rows.append(
+            dict(
+                epsilon=epsilon,
+                noise_multiplier=[r.noise_multiplier for r in results],
+                epsilon_spent=[r.epsilon for r in results],
+                accountant=results[0].accountant if results else None,
+                sampling_rate=results[0].sampling_rate if results else None,
+                trained=dict(acc=trained.tolist(), ci=t_interval(trained)),
+                new=dict(acc=new.tolist(), ci=t_interval(new)),
+                local=choice,
+                dp_seconds=dp_seconds,
+                seconds=start.seconds(),
+            )
+        )
+        if log:
+            log(
+                f"[dp] eps {epsilon:<4g} trained "
+                f"{rows[-1]['trained']['ci']['mean']:.3f}"
+                f"+-{rows[-1]['trained']['ci']['half']:.3f}  new "
+                f"{rows[-1]['new']['ci']['mean']:.3f}"
+                f"+-{rows[-1]['new']['ci']['half']:.3f}  ({start.seconds():.0f} s)"
+            )
+    config = dataclasses.asdict(dp_config(setup, 1.0))
+    del config["epsilon"]
+    return dict(
+        method=method.label,
+        config=config,
+        bytes_per_user=info["bytes_per_user"],
+        shared_bytes=info["shared_bytes"],
+        base_bytes=info["base_bytes"],
+        rows=rows,
+        seconds=clock.seconds(),
+    )
+
+
+def audit_dp_step(setup: Setup, base, *, key, users: int = 8) -> dict:
+    """Canary audit of one step of the DP part on the study's model.
+
+    The method of :func:`lrs.audit.audit_nn_dp_step` on the study's
+    :class:`Classifier` (pretrained ``base``, ``setup.dp_method`` adapters,
+    cross-entropy): D and D' differ in one user, the canary, whose ``m``
+    samples (the same tokens) are labelled with one class in D and another
+    in D'. One step of :func:`lrs.nn.dp.train_shared_private` (every user in
+    the batch, noise calibrated so that this release alone spends
+    ``setup.dp_audit_epsilon`` at ``setup.dp_delta``) runs
+    ``setup.dp_audit_trials`` times on each side; a run's score is the
+    projection of its noisy gradient sum on the canary's noiseless effect,
+    and :func:`lrs.audit.epsilon_lower_bound` turns the two samples into a
+    95% lower bound on epsilon. Returns the ``audit`` section of the record.
+    """
+    from lrs.audit import epsilon_lower_bound
+    from lrs.nn import dp
+    from lrs.private import accounting
+
+    clock = _Clock()
+    epsilon, trials = setup.dp_audit_epsilon, setup.dp_audit_trials
+    plan1 = accounting.Plan(
+        steps=1, private_init=False, moment_histogram=False, step_histogram=False
+    )
+    z = accounting.calibrate(plan1, epsilon, setup.dp_delta, "pld")
+    claim = accounting.epsilon_spent(plan1, z, setup.dp_delta, "pld")
+    method = next(m for m in methods("all") if m.label == setup.dp_method)
+    k_model, k_x, k_y, k_out, k_in = jax.random.split(key, 5)
+    model = Classifier(setup, rngs=_rngs(k_model))
+    nnx.update(model, base)
+    personalize(model, method, users, k_model)
+    m, T, C = setup.samples, setup.seq_len, setup.num_classes
+    x = jax.random.randint(k_x, (users, m, T), 0, setup.vocab).astype(jnp.int32)
+    y = jax.random.randint(k_y, (users, m), 0, C).astype(jnp.int32)
+    y_out, y_in = y.at[0].set(0), y.at[0].set(1)
+    graphdef, itabs, ftabs, shared, frozen = nnx.split(
+        model, UserSupport, dp._FLOAT_TABLE, nnx.Param, ...
+    )
+    config = dataclasses.replace(dp_config(setup, epsilon), steps=1,
+                                 users_per_step=users)  # fmt: skip
+    opt = optax.sgd(0.0)
+    state = (itabs, ftabs, shared, opt.init(shared))
+    step = dp._make_step(graphdef, opt, cross_entropy, config, 1.0, users)
+    leaves, treedef = jax.tree.flatten(shared)
+
+    def release(labels, scale, k):
+        keys = jax.random.split(k, len(leaves) + 1)
+        normals = jax.tree.unflatten(
+            treedef,
+            [scale * jax.random.normal(kk, a.shape, a.dtype)
+             for kk, a in zip(keys[1:], leaves, strict=True)],
+        )  # fmt: skip
+        _, (_, out) = step(state, frozen, x, labels, keys[0], normals)
+        return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(out)]) * users
+
+    silent = jax.random.key(1)
+    sum_out, sum_in = release(y_out, 0.0, silent), release(y_in, 0.0, silent)
+    diff = (sum_in - sum_out) / setup.dp_clip
+
+    @jax.jit
+    def scores(keys, labels):
+        runs = jax.vmap(lambda k: release(labels, z, k))(keys)
+        return ((runs - sum_out) / setup.dp_clip) @ diff
+
+    def side(labels, k, batch=1000):
+        out = []
+        for lo in range(0, trials, batch):
+            keys = jax.random.split(jax.random.fold_in(k, lo), min(batch, trials - lo))
+            out.append(np.asarray(scores(keys, labels), np.float64))
+        return np.concatenate(out)
+
+    s_out, s_in = side(y_out, k_out), side(y_in, k_in)
+    bound = epsilon_lower_bound(s_in, s_out, setup.dp_delta, confidence=LEVEL)
+    return dict(
+        epsilon_claimed=claim,
+        delta=setup.dp_delta,
+        noise_multiplier=z,
+        epsilon_lower_bound=bound.epsilon,
+        confidence=LEVEL,
+        trials=trials,
+        users=users,
+        sensitivity_used=float(jnp.linalg.norm(diff)),
+        below_claim=bool(bound.epsilon <= claim),
+        seconds=clock.seconds(),
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -1470,6 +1811,103 @@ def plot(record: dict, path) -> str:
     return plotting.save(fig, path)
 
 
+def _eps_label(e) -> str:
+    e = float(e)
+    return "0 (shared not trained)" if e == 0 else ("inf (no noise)" if e == math.inf
+                                                  else f"{e:g}")  # fmt: skip
+
+
+def dp_markdown(record: dict) -> str:
+    """The DP part's table (accuracy against epsilon) and its audit, from a record.
+
+    Every row is compared with the ``inf`` row (the same training without
+    clipping or noise) by :func:`outcome` (W / T / L of the non-private
+    training: disjoint intervals) and, in parentheses, :func:`paired_outcome`.
+    """
+    part = record["dp"]
+    by = {float(r["epsilon"]): r for r in part["rows"]}
+    ref = by.get(math.inf)
+    c = part["config"]
+    seeds = len(part["rows"][0]["trained"]["acc"])
+    lines = [
+        f"**User-level DP** (teacher `{part['teacher']}`, {part['method']}, "
+        f"{part['bytes_per_user']} B/user): shared phase DP-SGD on the base and "
+        f"`U` (delta {c['delta']:g}, {c['steps']} steps, {c['users_per_step']} "
+        f"users per step, clip {c['clip_norm']:g}, Adam {c['learning_rate']:g}), "
+        f"personal rows fitted locally; accuracy mean [95% interval] over "
+        f"{seeds} seeds.",
+        "",
+        "| epsilon | noise multiplier z | accountant | trained users | vs inf "
+        "| new users (cold start) | vs inf | personal phase lr, step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    g = part["global"]
+    lines.append(
+        f"| global (no user rows) | - | - | {_ci(t_interval(g['trained']))} | | "
+        f"{_ci(t_interval(g['new']))} | | |"
+    )
+    for r in part["rows"]:
+        e = float(r["epsilon"])
+        marks = []
+        for split in ("trained", "new"):
+            if ref is None or e == math.inf:
+                marks.append("ref" if e == math.inf else "")
+                continue
+            rule = outcome(ref[split]["ci"], r[split]["ci"])
+            pair = paired_outcome(ref[split]["acc"], r[split]["acc"])
+            marks.append(f"{_MARK[rule]} ({_MARK[pair].lower()})")
+        z = [float(x) for x in r["noise_multiplier"]]
+        z_text = f"{z[0]:.3g}" if z and z[0] > 0 else "-"
+        lrs_ = "/".join(sorted({f"{x:g}" for x in r["local"]["lr"]}))
+        steps = "/".join(map(str, r["local"]["step"]))
+        lines.append(
+            f"| {_eps_label(e)} | {z_text} | "
+            f"{r['accountant'] if z and z[0] > 0 else '-'} | "
+            f"{_ci(r['trained']['ci'])} | {marks[0]} | {_ci(r['new']['ci'])} | "
+            f"{marks[1]} | lr {lrs_}, step {steps} |"
+        )
+    a = part.get("audit")
+    if a:
+        lines += [
+            "",
+            f"**Audit of one step** (canary user, {a['trials']:,} runs per side, "
+            f"{a['users']} users): claimed epsilon {a['epsilon_claimed']:.3f} at "
+            f"delta {a['delta']:g} (z = {a['noise_multiplier']:.3f}); empirical "
+            f"{a['confidence']:.0%} lower bound **{a['epsilon_lower_bound']:.3f}** "
+            f"({'below' if a['below_claim'] else 'ABOVE'} the claim; canary "
+            f"sensitivity used {a['sensitivity_used']:.2f} of 2 clip norms).",
+        ]
+    return "\n".join(lines)
+
+
+def plot_dp(record: dict, path) -> str:
+    """Accuracy against epsilon (trained and new users) with 95% intervals."""
+    part = record["dp"]
+    fig, axes = plotting.figure(1, 1, size=(6.0, 4.2))
+    ax = axes[0][0]
+    rows = part["rows"]
+    x = np.arange(len(rows))
+    for i, (split, name) in enumerate(
+        (("trained", "trained users"), ("new", "new users (cold start)"))
+    ):
+        y = np.array([float(r[split]["ci"]["mean"]) for r in rows])
+        half = np.array([float(r[split]["ci"]["half"]) for r in rows])
+        ax.errorbar(x + 0.06 * (2 * i - 1), y, yerr=half, marker="o", capsize=3,
+                    color=f"C{i}", label=name)  # fmt: skip
+        glob = np.mean(part["global"][split])
+        ax.axhline(glob, color=f"C{i}", ls=":", lw=1,
+                   label=f"global model ({name})")  # fmt: skip
+    ax.set_xticks(x, [_eps_label(r["epsilon"]).split(" (")[0] for r in rows])
+    ax.set_xlabel(
+        f"epsilon at delta {part['config']['delta']:g} (0: shared parts not trained)"
+    )
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"user-level DP shared phase, {part['method']}, {part['teacher']}")
+    plotting.grid(ax)
+    ax.legend(fontsize=7)
+    return plotting.save(fig, path)
+
+
 # ----------------------------------------------------------------------------
 # command line
 
@@ -1501,6 +1939,24 @@ def build_parser(prog: str = "fair_study.py") -> argparse.ArgumentParser:
         help="sizes: all, default (all but lrs.studies.fair.CUT) or small (quick)",
     )
     p.add_argument(
+        "--dp",
+        action="store_true",
+        help="also run the user-level DP part (accuracy against epsilon, audit)",
+    )
+    p.add_argument(
+        "--dp-only",
+        action="store_true",
+        help="run only the DP part (its teacher's data and bases, then DP)",
+    )
+    p.add_argument(
+        "--dp-into",
+        metavar="JSON",
+        help="with --dp-only: add the dp section to this saved record (its setup "
+        "and seed), writing into --out",
+    )
+    p.add_argument("--dp-epsilons", help="comma list, e.g. 1,2,4,8,inf")
+    p.add_argument("--dp-trials", type=int, help="audit runs per side (0: no audit)")
+    p.add_argument(
         "--joint-sizes",
         choices=("all", "one"),
         help="joint variant at every size or the middle one (one)",
@@ -1508,10 +1964,29 @@ def build_parser(prog: str = "fair_study.py") -> argparse.ArgumentParser:
     return p
 
 
-def setup_from_args(args) -> Setup:
+def _saved_setup(record: dict) -> Setup:
+    """The :class:`Setup` of a saved record (lists back to tuples)."""
+    fields = {f.name for f in dataclasses.fields(Setup)}
+    kept = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in record["setup"].items()
+        if k in fields and not k.startswith("dp")
+    }
+    return Setup(**kept)
+
+
+def setup_from_args(args, base: Setup | None = None) -> Setup:
     """The :class:`Setup` that ``args`` ask for (ValueError when it is not valid)."""
-    setup = QUICK if args.quick else DEFAULT
+    setup = base or (QUICK if args.quick else DEFAULT)
     changes = {}
+    if args.dp or args.dp_only:
+        changes["dp"] = True
+    if args.dp_epsilons:
+        changes["dp_epsilons"] = tuple(
+            float(x) for x in args.dp_epsilons.split(",") if x.strip()
+        )
+    if args.dp_trials is not None:
+        changes["dp_audit_trials"] = args.dp_trials
     if args.seeds is not None:
         if args.seeds < 2:
             raise ValueError(
@@ -1539,8 +2014,13 @@ def main(argv: list[str] | None = None, prog: str = "fair_study.py") -> int:
     """Parses ``argv`` (``--quick``, ``--out DIR``, ``--seeds N``, ...) and runs."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    into = None
+    if args.dp_into:
+        if not args.dp_only:
+            parser.error("--dp-into needs --dp-only")
+        into = json.loads(Path(args.dp_into).read_text())
     try:
-        setup = setup_from_args(args)
+        setup = setup_from_args(args, _saved_setup(into) if into else None)
     except ValueError as e:
         parser.error(str(e))
     if args.report:
@@ -1552,7 +2032,16 @@ def main(argv: list[str] | None = None, prog: str = "fair_study.py") -> int:
     if args.quick:  # compilation dominates a tiny run: compile cheaply
         jax.config.update("jax_disable_most_optimizations", True)
     try:
-        record = run(setup, Path(args.out).expanduser(), seed=args.seed)
+        if args.dp_only:
+            seed = into["seed"] if into else args.seed
+            record = run_dp_only(setup, Path(args.out).expanduser(), seed=seed,
+                                 into=into)  # fmt: skip
+            out = Path(args.out).expanduser()
+            seconds = record["dp"]["seconds_with_pretraining"]
+            print(f"results: {(out / RESULTS_NAME).resolve()}  ({seconds:.0f} s)")
+            return 0
+        else:
+            record = run(setup, Path(args.out).expanduser(), seed=args.seed)
     finally:
         jax.config.update("jax_disable_most_optimizations", cheap)
     out = Path(args.out).expanduser()

@@ -26,7 +26,12 @@ ratings only (each user's training ratings split again by the test split's
 rule, the item features refitted without the validation ratings; the sparse
 part restricted to the genre features and shrunk), then refitted on all
 training ratings; the chosen values and the validation table are in the
-JSON. **Predictions are clipped to the rating scale [1, 5]** before the RMSE
+JSON. Large files stay unpadded (``--ragged``, automatic when the padded
+training arrays would exceed ``--padded-mb``): ``load_ratings(ragged=True)``
+and ``lrs.fit_streamed`` with users bucketed by count fit the AMHT rows, the
+selection runs on padded inner tasks capped by ``--selection-max-train``,
+and the baseline rows (padded data only) are skipped and listed in the JSON.
+**Predictions are clipped to the rating scale [1, 5]** before the RMSE
 (a rating outside it is always wrong), for every row alike. RMSE is also
 reported by user activity: 20-39, 40-99 and 100+ training ratings.
 Prints the file's sha256 (many copies of MovieLens are edited) and the table;
@@ -41,7 +46,6 @@ import sys
 
 import _common as c
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import lrs
@@ -61,6 +65,9 @@ GRIDS = dict(
 QUICK_GRIDS = dict(
     ranks=(2, 5), sparsities=(0, 1, 3), ridges=(1.0, 5.0), sparse_ridges=(20.0,)
 )
+# Latest training ratings per user in the selection's padded inner tasks when
+# the tasks are ragged and neither --selection-max-train nor --max-train is set.
+SELECTION_CAP = 500
 QUICK_SIZE = dict(users=300, items=400, ratings=24_000)
 FULL_SIZE = dict(users=943, items=1682, ratings=100_000)
 
@@ -70,28 +77,47 @@ def write_standin(folder: str, seed: int = 0, structure: str = "planted", **size
     return datasets.write_standin(folder, seed=seed, **STANDINS[structure], **size)
 
 
-def predictions(params: lrs.LRSParams, data: lrs.UserData) -> np.ndarray:
-    """``(t, m)`` predictions ``<x_ij, theta_i>`` (padded entries: 0)."""
-    W = lrs.weights(params)
-    pred = jnp.einsum("tmd,td->tm", jnp.asarray(data.X), W.astype(data.X.dtype))
-    return np.where(np.asarray(data.mask), np.asarray(pred), 0.0)
+def predictions(params: lrs.LRSParams, data) -> np.ndarray:
+    """``(N,)`` predictions ``<x_ij, theta_i>`` of the samples of ``data`` (a
+    ``UserData`` or ``RaggedData``), in ``data.to_long()`` order."""
+    users, X, _ = data.to_long()
+    W = np.asarray(lrs.weights(params)).astype(X.dtype)
+    return np.einsum("nd,nd->n", X, W[users])
 
 
 def rmse_table(pred: np.ndarray, tasks, scale=(1.0, 5.0)) -> dict:
-    """Test RMSE of centered predictions ``pred (t, m)``, clipped to ``scale``,
-    overall and per activity bucket (training ratings of the user)."""
-    test = tasks.test
-    mask = np.asarray(test.mask)
+    """Test RMSE of centered predictions ``pred (N,)`` (``tasks.test.to_long()``
+    order), clipped to ``scale``, overall and per activity bucket (training
+    ratings of the user)."""
+    users, _, y = tasks.test.to_long()
     clipped = np.clip(pred + tasks.mean, *scale) - tasks.mean
-    sq = np.where(mask, (clipped - np.asarray(test.y)) ** 2, 0.0)
-    out = {"all": math.sqrt(sq.sum() / mask.sum())}
-    counts = tasks.train.counts
+    sq = (clipped - y) ** 2
+    out = {"all": math.sqrt(sq.mean())}
+    activity = np.asarray(tasks.train.counts)[users]
     for low, high in BUCKETS:
-        users = (counts >= low) & (counts <= (high if high else np.inf))
-        n = mask[users].sum()
+        chosen = (activity >= low) & (activity <= (high if high else np.inf))
         name = f"{low}-{high}" if high else f"{low}+"
-        out[name] = math.sqrt(sq[users].sum() / n) if n else None
+        out[name] = math.sqrt(sq[chosen].mean()) if chosen.any() else None
     return out
+
+
+def is_ragged(tasks, args) -> bool:
+    """Whether to keep the tasks unpadded: ``--ragged yes``, or ``auto`` and
+    the padded training arrays (``t x m_max x d``) over ``--padded-mb``."""
+    if args.ragged != "auto":
+        return args.ragged == "yes"
+    counts, d = tasks.train.counts, tasks.train.dim
+    itemsize = tasks.train.X.dtype.itemsize
+    return len(counts) * int(counts.max()) * d * itemsize > args.padded_mb * 2**20
+
+
+def fit_amht(train, config, args):
+    """``lrs.fit`` on padded tasks, ``lrs.fit_streamed`` (users bucketed by
+    count, chunks of ``--chunk-users``) on ragged ones: the same fit."""
+    key = jax.random.key(args.seed)
+    if isinstance(train, lrs.RaggedData):
+        return lrs.fit_streamed(train, config, chunk_users=args.chunk_users, key=key)
+    return lrs.fit(train, config, key=key)
 
 
 def genre_features(names) -> tuple[int, ...] | None:
@@ -149,22 +175,34 @@ def run(args) -> dict:
         max_train=args.max_train,
         seed=args.seed,
     )
-    tasks = datasets.load_ratings(path, **load)
-    inner = datasets.load_ratings(path, validation_fraction=0.2, **load)
+    tasks = datasets.load_ratings(path, ragged=True, **load)
+    ragged = is_ragged(tasks, args)
+    if not ragged:  # the same samples, padded
+        tasks = tasks._replace(train=tasks.train.padded(), test=tasks.test.padded())
+    # The selection's inner tasks are padded: lrs.selection takes UserData.
+    cap = args.selection_max_train or args.max_train
+    cap = cap or (SELECTION_CAP if ragged else None)
+    inner_load = dict(load, max_train=cap)
+    inner = datasets.load_ratings(path, validation_fraction=0.2, **inner_load)
     print(f"{tasks.path}: sha256 {tasks.sha256}")
     print(f"counts: {tasks.counts}; d = {tasks.train.dim} features")
-    zero = np.zeros(np.shape(tasks.test.mask))
+    zero = np.zeros(tasks.counts["test"])
     rmse = {"global_mean": rmse_table(zero, tasks)}
+    skipped = {}
     for name, fit in c.progress(list(c.fitters(r, k).items()), "methods"):
+        if ragged and name != "amht":  # the baselines take padded UserData
+            skipped[name] = "ragged tasks (--ragged): baselines need padded data"
+            continue
+        if name == "amht":
+            config = lrs.AMHTConfig(rank=r, sparsity=k)
+            fit = lambda data, key: fit_amht(data, config, args)[0]  # noqa: E731
         params = c.safe(fit, tasks.train, jax.random.key(args.seed))
         if params is not None:
             rmse[name] = rmse_table(predictions(params, tasks.test), tasks)
     chosen = {}
     for name, sparse in (("low_rank_only_selected", False), ("amht_selected", True)):
         result = selected(inner, args, sparse)
-        params, diagnostics = lrs.fit(
-            tasks.train, result.config, key=jax.random.key(args.seed)
-        )
+        params, diagnostics = fit_amht(tasks.train, result.config, args)
         rmse[name] = rmse_table(predictions(params, tasks.test), tasks)
         chosen[name] = result.to_dict()
         chosen[name]["stop_reason"] = diagnostics.stop_reason
@@ -185,6 +223,8 @@ def run(args) -> dict:
         test_rmse={name: row["all"] for name, row in rmse.items()},
         test_rmse_by_activity=rmse,
         selection=chosen,
+        ragged=ragged,
+        skipped=skipped,
     )
     record["environment"] = c.environment(args, start)
     c.save_json(args.out, "ratings.json", record)
@@ -241,6 +281,24 @@ def main(argv=None):
         type=int,
         default=None,
         help="latest training ratings kept per user (bounds memory)",
+    )
+    p.add_argument(
+        "--ragged",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="keep the training ratings unpadded and fit AMHT rows with "
+        "lrs.fit_streamed, users bucketed by count (auto: when the padded "
+        "arrays would exceed --padded-mb); the baseline rows need padded data "
+        "and are skipped then",
+    )
+    p.add_argument("--padded-mb", type=float, default=512.0)
+    p.add_argument("--chunk-users", type=int, default=512)
+    p.add_argument(
+        "--selection-max-train",
+        type=int,
+        default=None,
+        help="latest training ratings per user in the selection's (padded) "
+        f"inner tasks (default: --max-train, or {SELECTION_CAP} when ragged)",
     )
     args = p.parse_args(argv)
     grids = QUICK_GRIDS if args.quick else GRIDS

@@ -3,7 +3,7 @@
 from lrs import baselines, datasets, metrics, selection, synthetic, theory
 from lrs.amht import AMHTInfo, AMHTState, fit, init, personalize, step
 from lrs.config import AMHTConfig
-from lrs.data import UserData
+from lrs.data import RaggedData, UserData
 from lrs.errors import FitError
 from lrs.params import LRSParams, SparseRows, predict, weights
 from lrs.streaming import fit as fit_streamed
@@ -16,6 +16,7 @@ __all__ = [
     "AMHTState",
     "FitError",
     "LRSParams",
+    "RaggedData",
     "SparseRows",
     "UserData",
     "baselines",

@@ -1,6 +1,8 @@
-"""Per-user data sets, padded into dense arrays.
+"""Per-user data sets: padded into dense arrays (:class:`UserData`), or
+without padding (:class:`RaggedData`, for heavy-tailed sample counts).
 
-Shape letters: t users, m samples per user (m_max after padding), d features.
+Shape letters: t users, m samples per user (m_max after padding), d features,
+N samples in all.
 """
 
 from __future__ import annotations
@@ -189,38 +191,9 @@ class UserData(NamedTuple):
           ValueError: on mismatched shapes, no samples, ids that are neither
             integers nor strings, non-finite values.
         """
-        user_ids = np.asarray(user_ids)
-        X = _as_real_array(np.asarray(X), "X")
-        y = _as_real_array(np.asarray(y), "y")
-        kind = user_ids.dtype.kind
-        if user_ids.ndim != 1 or kind not in "iuUSO":
-            raise ValueError(
-                f"user_ids must be a 1-d array of integers or strings; got "
-                f"{user_ids.dtype} with shape {user_ids.shape}"
-            )
-        if kind == "O":  # Python objects: all str, or all int
-            if all(isinstance(u, str) for u in user_ids):
-                user_ids = user_ids.astype(str)
-            elif all(isinstance(u, int | np.integer) for u in user_ids):
-                user_ids = user_ids.astype(np.int64)
-            else:
-                raise ValueError(
-                    "user_ids must be all integers or all strings; got mixed "
-                    "Python objects"
-                )
-        if X.ndim != 2 or X.shape[0] != len(user_ids) or y.shape != (len(user_ids),):
-            raise ValueError(
-                f"X must be (N, d) and y (N,) with N = len(user_ids) = "
-                f"{len(user_ids)}; got X {X.shape}, y {y.shape}"
-            )
-        if len(user_ids) == 0:
-            raise ValueError("user_ids is empty: zero users")
-        _check_finite(X, "X")
-        _check_finite(y, "y")
-        unique, index = np.unique(user_ids, return_inverse=True)
-        order = np.argsort(index, kind="stable")
-        splits = np.cumsum(np.bincount(index, minlength=len(unique)))[:-1]
-        data = cls.from_ragged(np.split(X[order], splits), np.split(y[order], splits))
+        X, y, counts, unique = _long_to_packed(user_ids, X, y)
+        splits = np.cumsum(counts)[:-1]
+        data = cls.from_ragged(np.split(X, splits), np.split(y, splits))
         return (data, unique) if return_ids else data
 
     def to_long(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -228,3 +201,142 @@ class UserData(NamedTuple):
         mask = np.asarray(self.mask)
         users = np.broadcast_to(np.arange(self.num_users)[:, None], mask.shape)
         return users[mask], np.asarray(self.X)[mask], np.asarray(self.y)[mask]
+
+
+class RaggedData(NamedTuple):
+    """Per-user regression data without padding: every user's samples stored
+    one after the other (host numpy arrays); a pytree.
+
+    Memory follows the number of samples ``N``, not ``t * m_max``: the form of
+    heavy-tailed data (ratings) for :func:`lrs.fit_streamed`, which packs
+    users of similar sample counts into chunks (docs/scale.md).
+
+    Attributes:
+      X: ``(N, d)`` features; user ``i``'s rows are
+        ``X[offsets[i]:offsets[i + 1]]``.
+      y: ``(N,)`` targets, in the same order.
+      counts: ``(t,)`` int64 number of samples of each user (``sum = N``).
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def num_users(self) -> int:
+        return len(self.counts)
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """``(t + 1,)`` where each user's samples start (and ``N`` last)."""
+        return np.concatenate([[0], np.cumsum(self.counts)])
+
+    @classmethod
+    def from_long(cls, user_ids, X, y, *, return_ids: bool = False):
+        """As :meth:`UserData.from_long` (same users, same order), unpadded.
+
+        Args:
+          user_ids: ``(N,)`` integer or string ids.
+          X: ``(N, d)`` features; y: ``(N,)`` targets.
+          return_ids: also return ``ids (t,)``, the id of each user.
+
+        Raises:
+          ValueError: on mismatched shapes, no samples, bad ids, non-finite
+            values.
+        """
+        X, y, counts, unique = _long_to_packed(user_ids, X, y)
+        data = cls(X, y, counts)
+        return (data, unique) if return_ids else data
+
+    @classmethod
+    def from_padded(cls, data: UserData) -> RaggedData:
+        """The real samples of a :class:`UserData` (each user's in order).
+
+        Raises:
+          ValueError: if ``data`` is not a :class:`UserData`.
+        """
+        if not isinstance(data, UserData):
+            raise ValueError(f"data must be an lrs.UserData; got {type(data)}")
+        mask = np.asarray(data.mask)
+        X, y = np.asarray(data.X)[mask], np.asarray(data.y)[mask]
+        return cls(X, y, mask.sum(axis=1).astype(np.int64))
+
+    def positions(self, users) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where the samples of ``users (n,)`` go in a packed ``(n, m)`` block.
+
+        Returns ``(row, column, source)``, each ``(sum of their counts,)``:
+        sample ``source`` of the data is entry ``[row, column]`` of the block.
+        """
+        counts = self.counts[users]
+        total = int(counts.sum())
+        row = np.repeat(np.arange(len(counts)), counts)
+        first = np.cumsum(counts) - counts
+        column = np.arange(total) - np.repeat(first, counts)
+        source = np.repeat(self.offsets[:-1][users], counts) + column
+        return row, column, source
+
+    def padded(self, m: int | None = None) -> UserData:
+        """The same users as a :class:`UserData` padded to ``m`` samples
+        (default: the largest count): ``t * m * d`` floats, for small data.
+
+        Raises:
+          ValueError: if ``m`` is below the largest count.
+        """
+        largest = max(int(self.counts.max(initial=0)), 1)
+        m = largest if m is None else m
+        if not isinstance(m, int) or m < largest:
+            raise ValueError(f"m must be an integer >= {largest}; got {m!r}")
+        users = np.arange(self.num_users)
+        row, column, source = self.positions(users)
+        X = np.zeros((self.num_users, m, self.dim), self.X.dtype)
+        y = np.zeros((self.num_users, m), self.X.dtype)
+        mask = np.zeros((self.num_users, m), bool)
+        X[row, column] = self.X[source]
+        y[row, column] = self.y[source]
+        mask[row, column] = True
+        return UserData(jnp.asarray(X), jnp.asarray(y), jnp.asarray(mask))
+
+    def to_long(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(user_index (N,), X (N, d), y (N,))``, as :meth:`UserData.to_long`."""
+        users = np.repeat(np.arange(self.num_users), self.counts)
+        return users, np.asarray(self.X), np.asarray(self.y)
+
+
+def _long_to_packed(user_ids, X, y):
+    """Checks long-format samples; returns them grouped by user:
+    ``(X (N, d), y (N,), counts (t,), ids (t,))``, users in sorted id order,
+    each user's samples in their original order."""
+    user_ids = np.asarray(user_ids)
+    X = _as_real_array(np.asarray(X), "X")
+    y = _as_real_array(np.asarray(y), "y")
+    kind = user_ids.dtype.kind
+    if user_ids.ndim != 1 or kind not in "iuUSO":
+        raise ValueError(
+            f"user_ids must be a 1-d array of integers or strings; got "
+            f"{user_ids.dtype} with shape {user_ids.shape}"
+        )
+    if kind == "O":  # Python objects: all str, or all int
+        if all(isinstance(u, str) for u in user_ids):
+            user_ids = user_ids.astype(str)
+        elif all(isinstance(u, int | np.integer) for u in user_ids):
+            user_ids = user_ids.astype(np.int64)
+        else:
+            mixed = "got mixed Python objects"
+            raise ValueError(f"user_ids must be all integers or all strings; {mixed}")
+    if X.ndim != 2 or X.shape[0] != len(user_ids) or y.shape != (len(user_ids),):
+        raise ValueError(
+            f"X must be (N, d) and y (N,) with N = len(user_ids) = "
+            f"{len(user_ids)}; got X {X.shape}, y {y.shape}"
+        )
+    if len(user_ids) == 0:
+        raise ValueError("user_ids is empty: zero users")
+    _check_finite(X, "X")
+    _check_finite(y, "y")
+    unique, index = np.unique(user_ids, return_inverse=True)
+    order = np.argsort(index, kind="stable")
+    counts = np.bincount(index, minlength=len(unique)).astype(np.int64)
+    return X[order], y[order].astype(X.dtype, copy=False), counts, unique

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lrs.data import UserData
+from lrs.data import RaggedData, UserData
 from lrs.standin import write_standin
 from lrs.validation import check_fraction, check_integer
 
@@ -66,8 +66,9 @@ class RatingTasks(NamedTuple):
     """Per-user train and test regression tasks built from a rating file.
 
     Attributes:
-      train, test: :class:`lrs.UserData` with the same ``t`` users (row ``i``
-        of both is user ``user_ids[i]``), ``d = len(feature_names)``.
+      train, test: :class:`lrs.UserData` (or :class:`lrs.RaggedData` with
+        ``ragged=True``) with the same ``t`` users (row ``i`` of both is user
+        ``user_ids[i]``), ``d = len(feature_names)``.
       user_ids: ``(t,)`` the file's user ids.
       feature_names: name of each of the ``d`` features.
       mean: the global training mean subtracted from every rating.
@@ -347,6 +348,7 @@ def load_ratings(
     seed: int = 0,
     dtype=None,
     validation_fraction: float | None = None,
+    ragged: bool = False,
 ) -> RatingTasks:
     """Reads a MovieLens rating file into per-user train / test regression tasks.
 
@@ -363,7 +365,7 @@ def load_ratings(
       min_ratings: users with fewer ratings are dropped (``>= 2``).
       max_train: keep at most this many (the latest) training ratings per
         user, to bound the padded ``(t, m, d)`` arrays (ML-1M has a user with
-        2314 ratings); ``None`` keeps all.
+        2314 ratings); ``None`` keeps all. ``ragged=True`` needs no bound.
       seed: for the random split and the factorization's start.
       dtype: float dtype of the tasks (default float32, float64 under x64).
       validation_fraction: for model selection. ``None``: the tasks above.
@@ -373,6 +375,11 @@ def load_ratings(
         as ``test``; the item biases and factors and the mean are fitted on
         this inner ``train`` only, so the validation ratings leak into no
         feature. The users (rows) are the same as without it.
+      ragged: return ``train`` and ``test`` as :class:`lrs.RaggedData`
+        (numpy, ``N x d`` floats for ``N`` ratings) instead of padded
+        :class:`lrs.UserData` (``t x m_max x d``), for
+        :func:`lrs.fit_streamed`; the padded array is never allocated.
+        Same users, same samples in the same order.
 
     Returns:
       a :class:`RatingTasks`.
@@ -382,6 +389,8 @@ def load_ratings(
         line number), no user with ``min_ratings`` ratings.
     """
     _check_load_arguments(split, test_fraction, genres, seed, dtype)
+    if not isinstance(ragged, bool):
+        raise ValueError(f"ragged must be a bool; got {ragged!r}")
     if validation_fraction is not None:
         check_fraction("validation_fraction", validation_fraction)
     check_integer("min_ratings", min_ratings, 2)
@@ -419,15 +428,11 @@ def load_ratings(
         ratings, is_train, mean, items_path if genres else None, embedding_dim, seed
     )
     y = ratings.rating - mean
-    train = UserData.from_long(
-        ratings.user[is_train],
-        X[is_train],
-        y[is_train],
+    kind = RaggedData if ragged else UserData
+    train = _cast(
+        kind.from_long(ratings.user[is_train], X[is_train], y[is_train]), dtype
     )
-    train = _cast(train, dtype)
-    test = _cast(
-        UserData.from_long(ratings.user[is_test], X[is_test], y[is_test]), dtype
-    )
+    test = _cast(kind.from_long(ratings.user[is_test], X[is_test], y[is_test]), dtype)
     counts = dict(
         ratings=n_all,
         users=users_all,
@@ -467,8 +472,8 @@ def _check_load_arguments(split, test_fraction, genres, seed, dtype) -> None:
             raise ValueError(f"dtype must be a float dtype or None; got {dtype!r}")
 
 
-def _cast(data: UserData, dtype) -> UserData:
-    if dtype is None:
+def _cast(data, dtype):
+    if dtype is None or data.X.dtype == dtype:
         return data
     return data._replace(X=data.X.astype(dtype), y=data.y.astype(dtype))
 

@@ -13,12 +13,21 @@ values, scores: ``O(t (r + k))``, and each user's residual and low-rank
 predictions for the shared step: ``O(t m)``) lives in host memory, so the
 device holds one chunk of data plus ``O(d r)`` (``O(d^2)`` for the dense
 moment matrix).
+
+Ragged data (:class:`lrs.RaggedData`, ``N`` samples without padding) streams
+the same way through :class:`_RaggedStream`: users sorted by sample count,
+``chunk_users`` at a time, each chunk left-packed to its own largest count
+rounded up to a power of two; per-user state stays in the users' order and
+the per-sample predictions take ``O(N)``. Memory and time then follow ``N``,
+not ``t m_max``, and the global selections see the same per-user numbers as
+the padded fit.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +35,7 @@ import numpy as np
 
 from lrs import amht, loop, metrics, peruser, sharding, shared
 from lrs.config import AMHTConfig
-from lrs.data import UserData, float_dtype
+from lrs.data import RaggedData, UserData, float_dtype
 from lrs.errors import raise_if_nonfinite
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows, weights
@@ -35,6 +44,7 @@ from lrs.validation import (
     check_init,
     check_integer,
     check_key,
+    check_ragged,
     check_truth,
 )
 
@@ -150,9 +160,10 @@ class _Stream:
     sums over users become cross-device reductions).
     """
 
-    def __init__(self, data: UserData, c: int, mesh=None):
+    def __init__(self, data: UserData, c: int, mesh=None, resident: bool = False):
         self.data = data
-        self.t, self.m, self.d = data.X.shape
+        self.resident, self._kept = resident, {}
+        self.t, self.m, self.d = self._shape(data)
         self.c = min(c, self.t)
         self.mesh, self.placement = mesh, None
         if mesh is not None:
@@ -165,7 +176,28 @@ class _Stream:
             spec = jax.sharding.PartitionSpec(sharding.AXIS)
             self.placement = jax.sharding.NamedSharding(mesh, spec)
         self.dtype = float_dtype(data.X.dtype)
-        self.starts = range(0, self.t, self.c)
+
+    @staticmethod
+    def _shape(data) -> tuple[int, int, int]:
+        return data.X.shape
+
+    def _spans(self, users) -> list:
+        """The rows of each chunk: all users in order, or ``users``."""
+        if users is None:
+            return [slice(s, min(s + self.c, self.t)) for s in range(0, self.t, self.c)]
+        return [users[i : i + self.c] for i in range(0, len(users), self.c)]
+
+    def sample_buffer(self):
+        """A zero host buffer of one value per sample (the ``(t, m)`` layout)."""
+        return np.zeros((self.t, self.m), self.dtype)
+
+    def store(self, target, rows, n: int, value) -> None:
+        """Writes a chunk's result ``value`` (``c`` rows) into ``target[rows]``."""
+        target[rows] = np.asarray(value)[:n]
+
+    def narrower(self, c: int) -> _Stream:
+        """The same data streamed ``c`` users at a time."""
+        return type(self)(self.data, c, self.mesh)
 
     def _load(self, rows, per_user, data: bool):
         """One chunk on the device: X, y, mask (if ``data``) and ``per_user``."""
@@ -187,15 +219,22 @@ class _Stream:
         once the caller has dispatched its work on the current one. ``users``
         (sorted indices) streams only those users, ``c`` at a time.
         """
-        if users is None:
-            spans = [slice(s, min(s + self.c, self.t)) for s in self.starts]
-        else:
-            spans = [users[i : i + self.c] for i in range(0, len(users), self.c)]
-        current = self._load(spans[0], per_user, data) if spans else None
+        spans = self._spans(users)
+        keep = self.resident and data and users is None
+        current = self._get(0, spans[0], per_user, data, keep) if spans else None
         for i, rows in enumerate(spans):
             yield rows, current
             if i + 1 < len(spans):
-                current = self._load(spans[i + 1], per_user, data)
+                current = self._get(i + 1, spans[i + 1], per_user, data, keep)
+
+    def _get(self, i: int, rows, per_user, data: bool, keep: bool) -> list:
+        """:meth:`_load`, the data of chunk ``i`` kept on the device after
+        its first pass when ``keep`` (``resident``)."""
+        if not keep:
+            return self._load(rows, per_user, data)
+        if i not in self._kept:
+            self._kept[i] = self._load(rows, (), True)
+        return list(self._kept[i]) + list(self._load(rows, per_user, False))
 
     def total(self, fn: Callable, *per_user):
         """Sum over chunks of ``fn(*device_arrays)`` (a pytree), on the device."""
@@ -206,6 +245,71 @@ class _Stream:
         return acc
 
 
+class _Samples(NamedTuple):
+    """A host buffer of one value per sample of a :class:`RaggedData`, in its
+    order: ``flat (N,)``."""
+
+    flat: np.ndarray
+
+
+class _RaggedStream(_Stream):
+    """A :class:`RaggedData` cut into chunks of ``c`` users of similar counts.
+
+    Users are sorted by sample count and taken ``c`` at a time; a chunk's
+    samples are left-packed into ``(c, m_b, d)``, ``m_b`` its largest count
+    rounded up to a power of two (a few distinct shapes: a few compilations
+    of each program, at most twice the chunk's real samples). Per-user
+    results go to the users' own rows; per-sample buffers are
+    :class:`_Samples`. Memory follows the number of samples, not ``t m_max``.
+    """
+
+    @staticmethod
+    def _shape(data) -> tuple[int, int, int]:
+        return data.num_users, 0, data.dim
+
+    def _spans(self, users) -> list:
+        users = np.arange(self.t) if users is None else np.asarray(users)
+        users = users[np.argsort(self.data.counts[users], kind="stable")]
+        return [users[i : i + self.c] for i in range(0, len(users), self.c)]
+
+    def sample_buffer(self) -> _Samples:
+        return _Samples(np.zeros(len(self.data.y), self.dtype))
+
+    def width(self, rows) -> int:
+        """``m_b``: the chunk's largest count rounded up to a power of two."""
+        largest = int(self.data.counts[rows].max(initial=1))
+        return 1 << max(largest - 1, 0).bit_length()
+
+    def _load(self, rows, per_user, data: bool):
+        n, m = len(rows), self.width(rows)
+        row, column, source = self.data.positions(rows)
+
+        def packed(a, tail, dtype):
+            out = np.zeros((self.c, m) + tail, dtype)
+            out[row, column] = a[source]
+            return out
+
+        out = []
+        if data:
+            out += [packed(self.data.X, (self.d,), self.dtype)]
+            out += [packed(self.data.y, (), self.dtype)]
+            mask = np.zeros((self.c, m), bool)
+            mask[row, column] = True
+            out += [mask]
+        for a in per_user:
+            if isinstance(a, _Samples):
+                out += [packed(a.flat, (), a.flat.dtype)]
+            else:
+                out += [_padded(a, rows, n, self.c, a.dtype)]
+        return jax.device_put(out, self.placement)
+
+    def store(self, target, rows, n: int, value) -> None:
+        if not isinstance(target, _Samples):
+            return super().store(target, rows, n, value)
+        row, column, source = self.data.positions(rows)
+        target.flat[source] = np.asarray(value)[row, column]
+
+
 def _padded(a, rows, n: int, c: int, dtype) -> np.ndarray:
     """``a[rows]`` as a fresh array of ``c`` rows (zeros past ``n``)."""
     out = np.zeros((c,) + tuple(a.shape[1:]), dtype)
@@ -213,13 +317,17 @@ def _padded(a, rows, n: int, c: int, dtype) -> np.ndarray:
     return out
 
 
-def _drain(pending, targets) -> None:
-    """Writes a chunk's results (``(rows, n, outputs)``) into host arrays."""
+def _drain(pending, targets, stream: _Stream | None = None) -> None:
+    """Writes a chunk's results (``(rows, n, outputs)``) into host arrays
+    (through ``stream.store``: a ragged stream's per-sample buffers)."""
     if pending is None:
         return
     rows, n, outputs = pending
     for target, value in zip(targets, outputs):
-        target[rows] = np.asarray(value)[:n]
+        if stream is None:
+            target[rows] = np.asarray(value)[:n]
+        else:
+            stream.store(target, rows, n, value)
 
 
 def _rows_count(rows) -> int:
@@ -239,12 +347,16 @@ def fit(
     callback: Callable[[int, amht.AMHTInfo], None] | None = None,
     truth: LRSParams | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    resident: bool = False,
 ):
     """:func:`lrs.fit` with the data on the host, streamed in chunks of users.
 
     Args:
       data: a :class:`UserData` whose arrays may be numpy or memory-mapped
-        (:meth:`UserData.from_host`); never modified, never copied whole.
+        (:meth:`UserData.from_host`), or a :class:`lrs.RaggedData` (``N``
+        samples, no padding: chunks of users of similar counts, each padded
+        only to its own largest count rounded up to a power of two); never
+        modified, never copied whole.
       config: an :class:`AMHTConfig`.
       chunk_users: users copied to the device at a time (``>= 1``; ``>= t``
         means one chunk). Device memory is about ``chunk_users * m * d``
@@ -259,6 +371,9 @@ def fit(
         devices' memory streams to several devices at once (``chunk_users``
         is rounded up to a multiple of the devices). ``None``: the default
         device.
+      resident: keep each chunk's data on the device after the first pass
+        (device memory: all chunks, about the packed data's size) instead of
+        reading and copying it again on every pass; for data that fits.
 
     Returns:
       ``(params, diagnostics)`` as :func:`lrs.fit`, equal to it up to rounding;
@@ -271,10 +386,13 @@ def fit(
     config, U0 = _check(data, config, chunk_users, truth, U0)
     if mesh is not None:
         sharding.check_mesh(mesh)
-    stream = _Stream(data, int(chunk_users), mesh)
+    kind = _RaggedStream if isinstance(data, RaggedData) else _Stream
+    if not isinstance(resident, bool):
+        raise ValueError(f"resident must be a bool; got {resident!r}")
+    stream = kind(data, int(chunk_users), mesh, resident)
     key = check_key(key, default=jax.random.key(0))
     scale = _label_scale(stream)
-    state = _HostState(stream.t, stream.m, config.rank, config.sparsity, stream.dtype)
+    state = _HostState(stream, config.rank, config.sparsity)
     state.U = _initial_U(stream, config, key, U0, scale)
     tol, cg_tol = config.tolerances(stream.dtype)
 
@@ -310,7 +428,8 @@ def fit(
 class _HostState:
     """Per-user state of the streamed fit, in host memory (``O(t (r + k + m))``)."""
 
-    def __init__(self, t: int, m: int, r: int, k: int, dtype):
+    def __init__(self, stream: _Stream, r: int, k: int):
+        t, dtype = stream.t, stream.dtype
         self.V = np.zeros((t, r), dtype)
         self.indices = np.zeros((t, k), np.int32)
         self.values = np.zeros((t, k), dtype)
@@ -322,8 +441,8 @@ class _HostState:
         self.U = None  # (d, r) on the device
         # the predictions of each user's peruser.UserCache (the support's
         # columns are gathered again: they would cost host memory O(t m k))
-        self.residual = np.zeros((t, m), dtype)
-        self.low_rank = np.zeros((t, m), dtype)
+        self.residual = stream.sample_buffer()
+        self.low_rank = stream.sample_buffer()
 
     def fits(self):
         return (self.V, self.indices, self.values, self.sq_residual)
@@ -389,13 +508,13 @@ def _per_user_step(stream, state: _HostState, scale, config, steps, cold: bool):
     targets = state.fits() + state.predictions() + (state.y_sq, state.counts)
     pending = None
     for rows, (X, y, mask, *warm) in stream.chunks(*(() if cold else (state.indices,))):
-        _drain(pending, targets)  # the previous chunk, while this one computes
+        _drain(pending, targets, stream)  # the previous chunk, while this computes
         support = None if cold else warm[0]
         fits, preds, y_sq, counts = _pursue_chunk(
             X, y, mask, support, U, scale, half, steps, config
         )
         pending = (rows, _rows_count(rows), (*fits, *preds, y_sq, counts))
-    _drain(pending, targets)
+    _drain(pending, targets, stream)
     n = peruser.rescue_count(stream.t, config)
     if n == 0:
         return
@@ -404,16 +523,16 @@ def _per_user_step(stream, state: _HostState, scale, config, steps, cold: bool):
         return
     worst = np.sort(np.asarray(worst))  # streamed in index order
     starts = ("cold", "l1") if config.l1_steps > 0 else ("cold",)
-    rescue = _Stream(stream.data, min(stream.c, n), stream.mesh)  # c <= n users
+    rescue = stream.narrower(min(stream.c, n))  # c <= n users
     targets = state.fits() + state.predictions()
     pending = None
     for rows, (X, y, mask, *current) in rescue.chunks(*state.fits(), users=worst):
-        _drain(pending, targets)
+        _drain(pending, targets, rescue)
         best = peruser.UserFit(*current)
         for start in starts:  # one after the other: see _rescue_chunk
             best, preds = _rescue_chunk(X, y, mask, U, best, scale, half, config, start)
         pending = (rows, len(rows), (*best, *preds))
-    _drain(pending, targets)
+    _drain(pending, targets, rescue)
 
 
 def _shared_step(stream, state: _HostState, scale, config, cg_tol):
@@ -490,8 +609,12 @@ def _check(data, config, chunk_users, truth, U0):
             f"config must be an lrs.AMHTConfig; got {type(config).__name__}"
         )
     check_integer("chunk_users", chunk_users, 1)
-    check_data(data, config, values=False, convert=False)
-    t, _, d = data.X.shape
+    if isinstance(data, RaggedData):
+        check_ragged(data, config)
+        t, d = data.num_users, data.dim
+    else:
+        check_data(data, config, values=False, convert=False)
+        t, _, d = data.X.shape
     if U0 is not None:
         U0 = check_init(U0, d, config.rank, float_dtype(data.X.dtype))
     if truth is not None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from lrs.data import UserData, _as_real_array, _check_finite
+from lrs.data import RaggedData, UserData, _as_real_array, _check_finite
 
 if TYPE_CHECKING:
     from lrs.config import AMHTConfig
@@ -101,6 +101,55 @@ def check_data(
         raise ValueError(
             f"{name}: {short.size} user(s) have fewer samples than rank + sparsity"
             f"{per}: {shown}{more}"
+        )
+    return data
+
+
+def check_ragged(data, config: AMHTConfig, *, name: str = "data") -> RaggedData:
+    """Checks a :class:`lrs.data.RaggedData` against ``config`` without reading
+    its sample values (the streamed fit checks them chunk by chunk): type,
+    shapes, float dtypes, counts that add up to ``N``, rank and sparsity
+    against ``d``, every user with at least ``rank + sparsity`` samples
+    (times ``fresh_samples``). Returns ``data`` unchanged.
+
+    Raises:
+      ValueError: naming ``name`` and the bad field.
+    """
+    if not isinstance(data, RaggedData):
+        raise ValueError(f"{name} must be an lrs.RaggedData; got {type(data).__name__}")
+    for field, ndim in (("X", 2), ("y", 1)):
+        a = getattr(data, field)
+        if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(
+                f"{name}.{field} must be a real floating numpy array; got "
+                f"{type(a).__name__} {getattr(a, 'dtype', '')}"
+            )
+        if a.ndim != ndim:
+            raise ValueError(f"{name}.{field} must be {ndim}-d; got shape {a.shape}")
+    counts = np.asarray(data.counts)
+    if counts.ndim != 1 or counts.size == 0 or counts.dtype.kind not in "iu":
+        raise ValueError(
+            f"{name}.counts must be a non-empty 1-d integer array; got "
+            f"{counts.dtype} with shape {counts.shape}"
+        )
+    n, d = data.X.shape
+    if data.y.shape != (n,) or counts.min() < 0 or int(counts.sum()) != n:
+        raise ValueError(
+            f"{name}.y must have shape (N,) = ({n},) and {name}.counts be >= 0 "
+            f"with sum N; got y {data.y.shape}, counts summing to {counts.sum()}"
+        )
+    if not config.rank < d:
+        raise ValueError(f"rank must be < d = {d}; got {config.rank}")
+    if not config.sparsity < d:
+        raise ValueError(f"sparsity must be < d = {d}; got {config.sparsity}")
+    config.check_features(d)
+    need = (config.rank + config.sparsity) * max(config.fresh_samples, 1)
+    short = np.flatnonzero(counts < need)
+    if short.size:
+        shown = ", ".join(f"user {i} ({counts[i]})" for i in short[:10])
+        raise ValueError(
+            f"{name}: {short.size} user(s) have fewer samples than rank + "
+            f"sparsity (x fresh_samples) = {need}: {shown}"
         )
     return data
 

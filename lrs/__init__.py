@@ -4,6 +4,7 @@ from lrs import baselines, datasets, metrics, selection, synthetic, theory
 from lrs.amht import AMHTInfo, AMHTState, fit, init, personalize, step
 from lrs.config import AMHTConfig
 from lrs.data import RaggedData, UserData
+from lrs.diagnostics import Diagnostics
 from lrs.errors import FitError
 from lrs.params import LRSParams, SparseRows, predict, weights
 from lrs.streaming import fit as fit_streamed
@@ -14,6 +15,7 @@ __all__ = [
     "AMHTConfig",
     "AMHTInfo",
     "AMHTState",
+    "Diagnostics",
     "FitError",
     "LRSParams",
     "RaggedData",

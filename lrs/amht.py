@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from lrs import loop, metrics, peruser, sharding
 from lrs.config import AMHTConfig
 from lrs.data import UserData
+from lrs.diagnostics import Diagnostics
 from lrs.errors import FitError, raise_if_nonfinite
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows, weights
@@ -65,32 +66,8 @@ STOP_REASONS = loop.STOP_REASONS  # AMHTInfo.stop_code indexes it
 stop_code = loop.stop_code
 
 
-class AMHTInfo(NamedTuple):
-    """Diagnostics of one iteration (stacked over iterations by :func:`fit`)."""
-
-    loss: jax.Array  # mean squared residual over the step's training samples
-    u_change: jax.Array  # subspace distance between successive U
-    cg_iters: jax.Array  # CG iterations in the shared step
-    relative_error: jax.Array  # ||W - W*||_F / ||W*||_F (NaN without truth)
-    subspace_distance: jax.Array  # sin of largest angle U vs U* (NaN without truth)
-    # int32: 0 while the fit goes on; in the last entry, why it stopped
-    # (an index into STOP_REASONS; see stop_reason).
-    stop_code: jax.Array = 0
-
-    @property
-    def stop_reason(self) -> str:
-        """Why the fit stopped (from the last entry of ``stop_code``).
-
-        ``'converged'``: the U change fell below ``tol`` (each shared step's
-        CG is then accurate to a tenth of the change, so U is at the exact U
-        step's fixed point to about ``tol``); ``'max_iterations'``: the
-        ``num_iters`` budget ran out first; ``'stalled'``: the U change stopped
-        decreasing for ``stall_iters`` iterations while above ``tol``;
-        ``'nonfinite'``: the iterates overflowed (:func:`fit` raises then);
-        ``'running'``: not a last entry (a single :func:`step`).
-        """
-        code = np.asarray(self.stop_code).reshape(-1)
-        return STOP_REASONS[int(code[-1])] if code.size else "running"
+# The fits' one diagnostics type; the name AMHTInfo is kept for existing code.
+AMHTInfo = Diagnostics
 
 
 def _batch_mask(data: UserData, config: AMHTConfig, half_step) -> jax.Array:
@@ -472,7 +449,7 @@ def fit(
             i = int(carry.i)
             carry = advance(data, truth, scale, carry, i + 1)
             info = jax.tree.map(lambda h: np.asarray(h[i]).item(), carry.history)
-            callback(i, AMHTInfo(*info))
+            callback(i, info)
     state, history, last = loop.finish(carry)
     params = _scale_values(_params(state, data.X.shape[2]), scale)
     if mesh is not None:  # back to the default device, without the padded users

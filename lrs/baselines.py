@@ -35,7 +35,9 @@ from lrs import amht, shared
 from lrs.chunking import map_user_chunks
 from lrs.config import AMHTConfig
 from lrs.data import UserData
+from lrs.diagnostics import Diagnostics, fixed_length
 from lrs.linalg import spd_solve, top_k_indices
+from lrs.metrics import mean_squared_error
 from lrs.params import LRSParams, SparseRows
 from lrs.peruser import per_user_step
 from lrs.validation import (
@@ -150,6 +152,17 @@ def _no_factor(data: UserData, t: int) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros((data.dim, 0), dtype), jnp.zeros((t, 0), dtype)
 
 
+def _one_shot(params: LRSParams, data: UserData, **details) -> Diagnostics:
+    """The :class:`lrs.Diagnostics` of a baseline without iterations: one
+    entry, its training loss (mean squared residual), ``details`` as numpy."""
+    loss = float(mean_squared_error(params, data))
+    details = {
+        name: np.asarray(v) if isinstance(v, jax.Array) else v
+        for name, v in details.items()
+    }
+    return fixed_length(1, loss=loss, details=details)
+
+
 # ----------------------------------------------------------------- low rank only
 
 
@@ -160,12 +173,11 @@ def low_rank_only(data: UserData, config, *, key=None):
     for ``V`` given ``U`` and ``U`` given ``V`` from the moment initialization.
 
     Returns:
-      ``(LRSParams with k = 0, diagnostics)``; diagnostics are the fields of
-      :class:`lrs.AMHTInfo` (one entry per iteration).
+      ``(LRSParams with k = 0, Diagnostics)``: :func:`lrs.fit`'s, one entry
+      per iteration.
     """
     cfg = _amht_config(config, _baseline_config(config).rank, 0)
-    params, info = amht.fit(data, cfg, key=key)
-    return params, {name: np.asarray(v) for name, v in info._asdict().items()}
+    return amht.fit(data, cfg, key=key)
 
 
 # ------------------------------------------------------------------ sparse only
@@ -188,7 +200,7 @@ def sparse_only(data: UserData, config, *, key=None):
     top-k correlations, plus the l1 restart for the users that fit worst).
 
     Returns:
-      ``(LRSParams with r = 0, diagnostics)``; diagnostics: ``sq_residual``
+      ``(LRSParams with r = 0, Diagnostics)``; ``details``: ``sq_residual``
       ``(t,)`` training residual of each user.
     """
     k = _baseline_config(config).sparsity
@@ -198,12 +210,13 @@ def sparse_only(data: UserData, config, *, key=None):
         zero = jnp.zeros((data.num_users, 0), data.X.dtype)
         _, y = _masked(data)
         B = SparseRows(zero.astype(jnp.int32), zero, data.dim)
-        return LRSParams(U, V, B), {"sq_residual": np.asarray(jnp.sum(y * y, 1))}
+        params = LRSParams(U, V, B)
+        return params, _one_shot(params, data, sq_residual=jnp.sum(y * y, 1))
     # num_iters does not matter here: fixed, so one compiled program serves all
     cfg = dataclasses.replace(_amht_config(config, 1, k), init="moments", num_iters=0)
     support, values, sq_res = _sparse_fits(data, cfg)
     params = LRSParams(U, V, SparseRows(support, values, data.dim))
-    return params, {"sq_residual": np.asarray(sq_res)}
+    return params, _one_shot(params, data, sq_residual=sq_res)
 
 
 # ------------------------------------------------------------------ local ridge
@@ -246,8 +259,8 @@ def local_ridge(data: UserData, config, *, key=None):
     own samples (exact, from one SVD per user). No sharing, ``d`` numbers per user.
 
     Returns:
-      ``(LRSParams with r = 0 and dense B (k = d), diagnostics)``;
-      diagnostics: ``alpha`` ``(t,)`` chosen relative penalty, ``loo_mse``
+      ``(LRSParams with r = 0 and dense B (k = d), Diagnostics)``;
+      ``details``: ``alpha`` ``(t,)`` chosen relative penalty, ``loo_mse``
       ``(t,)`` its leave-one-out mean squared error.
     """
     cfg = _baseline_config(config)
@@ -258,7 +271,7 @@ def local_ridge(data: UserData, config, *, key=None):
     indices = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), (t, d))
     U, V = _no_factor(data, t)
     params = LRSParams(U, V, SparseRows(indices, coef, d))
-    return params, {"alpha": np.asarray(alpha), "loo_mse": np.asarray(loo)}
+    return params, _one_shot(params, data, alpha=alpha, loo_mse=loo)
 
 
 # ----------------------------------------------------------------- global model
@@ -290,7 +303,7 @@ def global_model(data: UserData, config, *, key=None):
     moving). Stored as ``U = w / ||w||``, ``v_i = ||w||`` for every user.
 
     Returns:
-      ``(LRSParams with r = 1, diagnostics)``; diagnostics: ``global_norm``
+      ``(LRSParams with r = 1, Diagnostics)``; ``details``: ``global_norm``
       ``||w||``, ``rounds`` of the alternation.
     """
     cfg = _baseline_config(config)
@@ -317,7 +330,8 @@ def global_model(data: UserData, config, *, key=None):
         norm > 0, w / jnp.where(norm > 0, norm, 1), jnp.eye(d, dtype=w.dtype)[0]
     )
     V = jnp.full((t, 1), norm, data.X.dtype)
-    return LRSParams(U[:, None], V, B), {"global_norm": float(norm), "rounds": rounds}
+    params = LRSParams(U[:, None], V, B)
+    return params, _one_shot(params, data, global_norm=float(norm), rounds=rounds)
 
 
 def _sparse_y(data: UserData, B: SparseRows) -> jax.Array:
@@ -420,7 +434,7 @@ def convex(data: UserData, config, *, key=None):
 
     Returns:
       ``(LRSParams with the rank r^ and row sparsity k^ it found,
-      diagnostics)``; diagnostics: ``penalties`` ``(a, b)``, ``grid`` the
+      Diagnostics)``; ``details``: ``penalties`` ``(a, b)``, ``grid`` the
       relative pairs tried, ``validation_sse`` per pair, ``rank``, ``sparsity``.
     """
     cfg = _baseline_config(config)
@@ -435,14 +449,15 @@ def convex(data: UserData, config, *, key=None):
     lam = pairs[best] * lam_max
     L, S, _ = _convex_final(X, y, data.mask, lam, step, cfg.convex_steps)
     params = _as_lrs(np.asarray(L), np.asarray(S))
-    diagnostics = {
-        "penalties": np.asarray(lam),
-        "grid": np.asarray(pairs),
-        "validation_sse": np.asarray(errors),
-        "rank": params.U.shape[1],
-        "sparsity": params.B.indices.shape[1],
-    }
-    return params, diagnostics
+    return params, _one_shot(
+        params,
+        data,
+        penalties=lam,
+        grid=pairs,
+        validation_sse=errors,
+        rank=params.U.shape[1],
+        sparsity=params.B.indices.shape[1],
+    )
 
 
 def _as_lrs(L: np.ndarray, S: np.ndarray) -> LRSParams:
@@ -482,7 +497,8 @@ def oracle(data: UserData, config, *, key=None, U, passes: int = 10):
     U=U)`` for the common signature.
 
     Returns:
-      ``(LRSParams with the given U, {"sq_residual": (t,)})``.
+      ``(LRSParams with the given U, Diagnostics)``; ``details``:
+      ``sq_residual`` ``(t,)``.
     """
     U = jnp.asarray(U)
     if U.ndim != 2 or U.shape[0] != data.X.shape[-1] or U.shape[1] < 1:
@@ -499,7 +515,8 @@ def oracle(data: UserData, config, *, key=None, U, passes: int = 10):
         raise ValueError("U contains NaN or inf values")
     fits = _oracle_fits(data, U, dataclasses.replace(cfg, num_iters=0), passes)
     B = SparseRows(fits.support, fits.b, data.dim)
-    return LRSParams(U, fits.v, B), {"sq_residual": np.asarray(fits.sq_residual)}
+    params = LRSParams(U, fits.v, B)
+    return params, _one_shot(params, data, sq_residual=fits.sq_residual)
 
 
 BASELINES = {

@@ -121,7 +121,7 @@ def test_float32_recovery(easy):
 
 def test_diagnostics_have_the_documented_fields(main_fit):
     _, diag, _ = main_fit
-    assert isinstance(diag, lrs.AMHTInfo)
+    assert isinstance(diag, lrs.Diagnostics) and lrs.AMHTInfo is lrs.Diagnostics
     assert diag._fields == (
         "loss",
         "u_change",
@@ -129,12 +129,19 @@ def test_diagnostics_have_the_documented_fields(main_fit):
         "relative_error",
         "subspace_distance",
         "stop_code",
+        "excluded",
+        "privacy",
+        "transcript",
+        "nonprivate",
+        "details",
     )
+    # the private fits' fields are empty here
+    assert diag.excluded is diag.privacy is diag.details is None
     assert diag.stop_reason in ("converged", "max_iterations")
     assert np.all(diag.stop_code[:-1] == 0) and diag.stop_code[-1] > 0
     n = len(diag.loss)
     assert 2 <= n <= MAIN.num_iters + 1
-    for field in diag:
+    for field in map(diag.__getattribute__, lrs.diagnostics.PER_ITERATION):
         assert isinstance(field, np.ndarray) and field.shape == (n,)
     assert np.isnan(diag.u_change[0]) and diag.cg_iters[0] == 0  # initialization
     for name in ("loss", "relative_error", "subspace_distance"):
@@ -257,8 +264,9 @@ def test_determinism_bitwise(small_problem, main_fit):
     again, diag_again = lrs.fit(data, MAIN, truth=truth, callback=lambda i, info: None)
     for a, b in zip(_leaves(again), _leaves(params)):
         assert np.array_equal(a, b)
-    for a, b in zip(diag_again, diag):
-        assert np.array_equal(a, b, equal_nan=True)
+    for name in lrs.diagnostics.PER_ITERATION:
+        a, b = getattr(diag_again, name), getattr(diag, name)
+        assert np.array_equal(a, b, equal_nan=True), name
 
 
 # --------------------------------------------------------------------- init / step

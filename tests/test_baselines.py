@@ -30,7 +30,7 @@ def test_low_rank_only_recovers_pure_low_rank():
     params, diag = baselines.low_rank_only(data, lrs.AMHTConfig(rank=2, sparsity=3))
     assert params.U.shape == (20, 2) and params.B.indices.shape == (40, 0)
     assert _error(params, truth) < 1e-6
-    assert diag["loss"][-1] < 1e-10
+    assert diag.loss[-1] < 1e-10
 
 
 def test_sparse_only_recovers_pure_sparse():
@@ -38,7 +38,7 @@ def test_sparse_only_recovers_pure_sparse():
     params, diag = baselines.sparse_only(data, baselines.BaselineConfig(sparsity=2))
     assert params.U.shape == (20, 0) and params.V.shape == (40, 0)
     assert _error(params, truth) < 1e-6
-    assert diag["sq_residual"].shape == (40,)
+    assert diag.details["sq_residual"].shape == (40,)
 
 
 def test_local_ridge_matches_brute_force_leave_one_out():
@@ -61,8 +61,8 @@ def test_local_ridge_matches_brute_force_leave_one_out():
                 errs.append((y[i][j] - X[i][j] @ w) ** 2)
             loo.append(np.mean(errs))
         best = grid[int(np.argmin(loo))]
-        assert diag["alpha"][i] == pytest.approx(best)
-        assert diag["loo_mse"][i] == pytest.approx(min(loo), rel=1e-6)
+        assert diag.details["alpha"][i] == pytest.approx(best)
+        assert diag.details["loo_mse"][i] == pytest.approx(min(loo), rel=1e-6)
         ref = np.linalg.solve(X[i].T @ X[i] + best * scale * np.eye(20), X[i].T @ y[i])
         np.testing.assert_allclose(theta[i], ref, rtol=1e-6, atol=1e-8)
 
@@ -104,13 +104,13 @@ def test_convex_beats_local_ridge_below_d_samples():
     ridge, _ = baselines.local_ridge(data, cfg)
     assert _error(params, truth) < 0.8 * _error(ridge, truth)
     # the chosen penalties are the validation winner, relative to lam_max
-    best = diag["grid"][np.argmin(diag["validation_sse"])]
-    ratio = diag["penalties"] / best
+    best = diag.details["grid"][np.argmin(diag.details["validation_sse"])]
+    ratio = diag.details["penalties"] / best
     assert ratio[0] > ratio[1] > 0  # ||G||_2 > ||G||_max for a generic G
     # the LRS form holds the solution: orthonormal U, rank and row sparsity
-    r = diag["rank"]
+    r = diag.details["rank"]
     np.testing.assert_allclose(params.U.T @ params.U, np.eye(r), atol=1e-8)
-    assert params.B.indices.shape[1] == diag["sparsity"] <= 20
+    assert params.B.indices.shape[1] == diag.details["sparsity"] <= 20
 
 
 def test_oracle_recovers_everything_given_the_true_U():
@@ -127,7 +127,7 @@ def test_every_baseline_shares_the_fit_contract(name):
     before = jax.tree.map(np.array, data)
     cfg = baselines.BaselineConfig(rank=2, sparsity=2, **CONVEX)
     params, diag = baselines.BASELINES[name](data, cfg, key=jax.random.key(0))
-    assert isinstance(params, lrs.LRSParams) and isinstance(diag, dict)
+    assert isinstance(params, lrs.LRSParams) and isinstance(diag, lrs.Diagnostics)
     assert lrs.weights(params).shape == (40, 20)
     assert bool(jnp.isfinite(lrs.weights(params)).all())
     pred = lrs.predict(params, data.X[:, 0], jnp.arange(40))

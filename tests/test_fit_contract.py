@@ -102,3 +102,35 @@ def test_a_config_that_is_not_an_amht_config_is_refused_by_name(name, data32):
 def test_a_rank_above_the_features_is_refused(name, data32):
     with pytest.raises(ValueError, match="rank"):
         _fit(name, data32, config=lrs.AMHTConfig(rank=D + 1, sparsity=K))
+
+
+WITH_BASELINES = {
+    **PATHS,
+    **{
+        f"baselines.{name}": (
+            lambda fit: lambda data, config, key: fit(data, config, key=key)
+        )(fit)
+        for name, fit in lrs.baselines.BASELINES.items()
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(WITH_BASELINES))
+def test_every_fit_reports_one_diagnostics_type(name, data32):
+    with jax.enable_x64(False):
+        _, diag = WITH_BASELINES[name](data32, CONFIG, jax.random.key(1))
+    assert isinstance(diag, lrs.Diagnostics)
+    n = len(diag.u_change)
+    assert n >= 1
+    for field in ("loss", "cg_iters", "relative_error", "subspace_distance"):
+        assert np.asarray(getattr(diag, field)).shape == (n,), field
+    assert np.all(np.asarray(diag.stop_code)[:-1] == 0)
+    assert diag.stop_reason in ("converged", "max_iterations", "stalled")
+    private_fit = name.startswith("private.")
+    # a private fit releases no raw-data loss; every other fit reports it
+    assert np.all(np.isnan(diag.loss)) == private_fit
+    assert (diag.privacy is not None) == private_fit
+    assert (diag.excluded is not None) == private_fit
+    if private_fit:
+        assert np.asarray(diag.excluded).shape == (T,)
+        assert diag.stop_reason == "max_iterations" and n == CONFIG.num_iters + 1

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lrs.diagnostics import Diagnostics, fixed_length
 from lrs.errors import FitError
 from lrs.private import accounting
 from lrs.private.config import DPConfig
@@ -74,20 +75,13 @@ class NonPrivateDiagnostics(NamedTuple):
     clipped_fraction: np.ndarray  # (T + 1,) users scaled down by clipping
 
 
-class PrivateDiagnostics(NamedTuple):
-    """What a private fit returns beside the parameters.
-
-    ``u_change`` and ``subspace_distance`` are computed from the released U's
-    only (post-processing); ``excluded`` is per user and belongs to that user
-    alone, like its ``v_i`` and ``b_i``.
-    """
-
-    u_change: np.ndarray  # (T + 1,) subspace distance between successive U
-    subspace_distance: np.ndarray  # (T + 1,) to ``truth.U`` (NaN without truth)
-    excluded: np.ndarray  # (t,) bool: the user's data could not be used
-    privacy: PrivacyRecord
-    transcript: Transcript | None = None  # with transcript=True
-    nonprivate: NonPrivateDiagnostics | None = None  # with nonprivate_diagnostics=True
+# A private fit returns the fits' one diagnostics type: ``u_change`` and
+# ``subspace_distance`` are computed from the released U's only
+# (post-processing); ``excluded`` is per user and belongs to that user alone,
+# like its ``v_i`` and ``b_i``; ``loss`` and ``relative_error`` are NaN
+# (raw-data values are not released: with ``nonprivate_diagnostics=True``,
+# ``nonprivate`` holds them). The name is kept for existing code.
+PrivateDiagnostics = Diagnostics
 
 
 #: History keys that are released or post-processing of released values.
@@ -109,7 +103,7 @@ def finish(
     transcript: bool,
     nonprivate_diagnostics: bool,
 ):
-    """``(params, PrivateDiagnostics)`` of a finished fit; runs ``callback``.
+    """``(params, Diagnostics)`` of a finished fit; runs ``callback``.
 
     ``history``: per-iteration arrays (``RELEASED`` and ``EXACT`` keys);
     ``released``: ``U (T+1, d, r)``, ``G``, ``H``, ``moment``, ``clip_moment``.
@@ -166,7 +160,8 @@ def finish(
     exact = None
     if nonprivate_diagnostics:
         exact = NonPrivateDiagnostics(*(history[k] for k in EXACT))
-    diagnostics = PrivateDiagnostics(
+    diagnostics = fixed_length(
+        steps + 1,
         u_change=history["u_change"],
         subspace_distance=history["subspace_distance"],
         excluded=np.asarray(excluded, bool),

@@ -107,6 +107,7 @@ def command(args: argparse.Namespace) -> int:
 
     import lrs
     from lrs import metrics, synthetic
+    from lrs.diagnostics import PER_ITERATION
 
     key_problem, key_fit = jax.random.split(jax.random.key(args.seed))
     try:
@@ -193,7 +194,7 @@ def command(args: argparse.Namespace) -> int:
         "linear_rate_floor": floor,
     }
     diagnostics = {"iteration": list(range(iterations_run + 1))}
-    for name in diag._fields:
+    for name in PER_ITERATION:
         column = np.asarray(getattr(diag, name))
         if np.issubdtype(column.dtype, np.floating):
             diagnostics[name] = [_finite_or_none(x) for x in column]

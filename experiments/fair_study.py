@@ -4,7 +4,7 @@
     python experiments/fair_study.py --out docs/bench/fair        # < 30 minutes
 
 Capacity sweeps, one learning-rate grid, seeds and 95% intervals, three
-teachers, honest cold start; see lrs/studies/fair.py, docs/fair_study.md and
+teachers, honest cold start; see lrs/studies/fair/, docs/fair_study.md and
 ``--help``.
 """
 

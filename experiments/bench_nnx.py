@@ -1,6 +1,6 @@
 """Benchmark of the Flax NNX adapters (issue 17): forward, training step, storage.
 
-    python experiments/bench_nnx.py --quick          # about 2 minutes on 2 cores
+    python experiments/bench_nnx.py --quick          # 10-20 minutes on 2 shared cores
     python experiments/bench_nnx.py --out lrs-out/nnx
 
 Forward: a mixed-user batch (ids drawn from 1,000 users) through the small
@@ -10,17 +10,24 @@ block's q, v, up and down maps personalized, for every method of
 per-user kernel), LRS with the per-row kernels materialized
 (``LRSLinear.materialize``), per-user LoRA (rank 1, the smallest LoRA), the
 per-user head (a dense per-user kernel delta on the same layers: the storage
-worst case) and PLoRA's user-conditioned LoRA (shared rank 4, 8 floats per
-user and layer). For each batch size: best-of-``reps`` wall time of the
-jitted forward (the methods interleaved round by round, so a change of the
-machine's load hits all alike) and the compiled program's temporary bytes
-(``memory_analysis()``).
+worst case), PLoRA's user-conditioned LoRA (shared rank 4, 8 floats per
+user and layer), and, on the token embedding instead of the Linear maps, a
+soft prompt per user (``method="prompt"``) and a user token
+(``method="user_token"``), both sized to LRS's bytes per user unless
+``--prompt-length`` / ``--token-dim`` say otherwise (a prompt of ``p``
+positions holds ``p * d`` floats, a user token ``e``). For each batch size:
+the median wall time of the jitted forward over ``reps`` rounds (the methods
+interleaved round by round, so a change of the machine's load hits all
+alike) and the compiled program's temporary bytes (``memory_analysis()``).
 
 Training: time of one training step (``lrs.nn.nnx_train``, batch 32, shared
-adapters and rows trained, q and v personalized; best of 5, the configurations
-interleaved round by round) against the number of users, per method; a
-method whose tables would pass ``--table-budget`` bytes is skipped (the
-per-user head beyond a few thousand users).
+adapters and rows trained, q and v personalized, or the token embedding for
+the prompt methods, sized to LRS's bytes per user on q and v; median of 11
+rounds, the configurations interleaved round by round, after one uncounted
+warm-up round) against the number of users, per method, with the compiled
+step's temporary and aliased (updated in place) bytes; a method whose tables
+would pass ``--table-budget`` bytes is skipped (the per-user head beyond a
+few thousand users).
 
 Storage: bytes per user and shared bytes (U counted: r copies of each
 personalized kernel) of every method on the forward's layers.
@@ -58,8 +65,10 @@ from lrs.nn import cold_start, layers, nnx_model, nnx_train, store  # noqa: E402
 
 TARGETS = r".*attn/(q|v)|.*mlp/(up|down)"
 TRAIN_TARGETS = r".*attn/(q|v)"
-FORWARD = ("base", "lrs", "lrs_materialized", "lora", "head", "user_lora")
-TRAIN = ("lrs", "lora", "user_lora", "head")
+EMBED_TARGETS = "embed"  # the soft prompt and the user token wrap the token Embed
+EMBED = ("prompt", "user_token")
+FORWARD = ("base", "lrs", "lrs_materialized", "lora", "head", "user_lora", *EMBED)
+TRAIN = ("lrs", "lora", "user_lora", "head", *EMBED)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=1)
     p.add_argument("--plora-rank", type=int, default=4)
     p.add_argument("--embed-dim", type=int, default=8)
+    p.add_argument(
+        "--prompt-length",
+        type=int,
+        default=None,
+        help="soft prompt positions (default: LRS's bytes per user)",
+    )
+    p.add_argument(
+        "--token-dim",
+        type=int,
+        default=None,
+        help="user token floats (default: LRS's bytes per user)",
+    )
     p.add_argument(
         "--table-budget",
         type=float,
@@ -84,7 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
-def _options(args, method) -> dict:
+def _lrs_bytes(args, config, targets) -> int:
+    """LRS's bytes per user on ``targets``: what the prompt methods are sized to."""
+    model = nnx_model.GPT(config, rngs=nnx.Rngs(0))
+    layers.personalize(model, targets, num_users=1, rngs=nnx.Rngs(1),
+                       rank=args.rank, sparsity=args.sparsity)  # fmt: skip
+    return storage(model)["bytes_per_user"]
+
+
+def _options(args, config, method, targets) -> dict:
+    """``personalize`` 's options; a soft prompt of ``p`` positions holds ``p *
+    d`` floats per user, a user token ``e``: unless given, both are sized to
+    LRS's bytes per user on ``targets`` (the nearest whole prompt length)."""
+    if method in EMBED:
+        itemsize = jnp.dtype(jnp.float32).itemsize
+        floats = _lrs_bytes(args, config, targets) // itemsize
+        if method == "prompt":
+            length = args.prompt_length or max(1, round(floats / config.d_model))
+            return dict(length=length)
+        return dict(embed_dim=args.token_dim or floats)
     return {
         "lrs": dict(rank=args.rank, sparsity=args.sparsity),
         "lrs_materialized": dict(rank=args.rank, sparsity=args.sparsity),
@@ -98,8 +137,10 @@ def _model(args, config, method, num_users, targets=TARGETS):
     model = nnx_model.GPT(config, rngs=nnx.Rngs(0))
     if method != "base":
         layers.personalize(
-            model, targets, num_users=num_users, rngs=nnx.Rngs(1),
-            method=method.removesuffix("_materialized"), **_options(args, method),
+            model, EMBED_TARGETS if method in EMBED else targets,
+            num_users=num_users, rngs=nnx.Rngs(1),
+            method=method.removesuffix("_materialized"),
+            **_options(args, config, method, targets),
         )  # fmt: skip
     for layer in layers.adapter_layers(model).values():
         layer.materialize = method == "lrs_materialized"
@@ -116,18 +157,19 @@ def _forward(model):
     return run, state
 
 
-def _best_times(fns: dict, reps) -> dict:
-    """Best-of-``reps`` seconds of each ``fn``, interleaved: round after round
-    calls every fn once, so a change of the machine's load hits all alike."""
+def _median_times(fns: dict, reps) -> dict:
+    """Median seconds of each ``fn`` over ``reps`` interleaved rounds: round
+    after round calls every fn once, so a change of the machine's load hits
+    all alike (the first round, which compiles, is not counted)."""
     for fn in fns.values():
         jax.block_until_ready(fn())  # compile / warm up
-    best = dict.fromkeys(fns, float("inf"))
+    times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             start = time.perf_counter()
             jax.block_until_ready(fn())
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _nbytes(variables, per_row=False) -> int:
@@ -160,7 +202,7 @@ def forward_sweep(args, config, batches, reps, num_users=1000) -> dict:
         ids = jax.random.randint(k2, (b,), 0, num_users)
         fns = {m: functools.partial(run, state, tokens, ids)
                for m, (run, state) in runs.items()}  # fmt: skip
-        seconds = _best_times(fns, reps)
+        seconds = _median_times(fns, reps)
         for m, (run, state) in runs.items():
             temp = run.lower(state, tokens, ids).compile().memory_analysis()
             row = dict(batch=b, seconds=seconds[m], temp_bytes=temp.temp_size_in_bytes)
@@ -177,13 +219,19 @@ def _train_step(args, config, method, n, batch):
     key = jax.random.fold_in(jax.random.key(args.seed), n)
     tokens = jax.random.randint(key, (batch, config.seq_len), 0, config.vocab)
     ids = jax.random.randint(key, (batch,), 0, n)
+    memory = step.lower(state, tokens, tokens, ids).compile().memory_analysis()
     state, loss = step(state, tokens, tokens, ids)  # compile
     jax.block_until_ready(loss)
-    return [step, state, tokens, ids]
+    # temporary bytes do not grow with the users, and the donated tables are
+    # updated in place (aliased: no copy of a table per step)
+    compiled = dict(temp_bytes=memory.temp_size_in_bytes,
+                    alias_bytes=memory.alias_size_in_bytes)  # fmt: skip
+    return [step, state, tokens, ids], compiled
 
 
-def train_sweep(args, config, user_counts, batch=32, steps=5) -> list:
-    """Best-of-``steps`` step time per (method, users), interleaved rounds."""
+def train_sweep(args, config, user_counts, batch=32, steps=11) -> list:
+    """Median step time per (method, users) over ``steps`` interleaved rounds
+    (after one uncounted warm-up round)."""
     rows, live = [], {}
     for method in TRAIN:
         per_user = storage(_model(args, config, method, 1, TRAIN_TARGETS))
@@ -194,15 +242,20 @@ def train_sweep(args, config, user_counts, batch=32, steps=5) -> list:
             if table_bytes > args.table_budget:
                 rows[-1]["skipped"] = "tables over --table-budget"
             else:
-                live[len(rows) - 1] = _train_step(args, config, method, n, batch)
-    for _ in range(steps):
+                run, compiled = _train_step(args, config, method, n, batch)
+                live[len(rows) - 1] = run
+                rows[-1].update(compiled)
+    times = {i: [] for i in live}
+    for round_ in range(steps + 1):
         for i, run in live.items():
             step, state, tokens, ids = run
             start = time.perf_counter()
             run[1], loss = step(state, tokens, tokens, ids)
             jax.block_until_ready(loss)
-            seconds = time.perf_counter() - start
-            rows[i]["seconds"] = min(rows[i]["seconds"] or seconds, seconds)
+            if round_:
+                times[i].append(time.perf_counter() - start)
+    for i, t in times.items():
+        rows[i]["seconds"] = float(np.median(t))
     return rows
 
 
@@ -276,7 +329,7 @@ def run(args) -> dict:
         (1_000, 100_000) if args.quick else (1_000, 100_000, 1_000_000)
     )
     start = time.perf_counter()
-    forward = forward_sweep(args, config, batches, reps=3 if args.quick else 10)
+    forward = forward_sweep(args, config, batches, reps=5 if args.quick else 11)
     train = train_sweep(args, config, users)
     cold = cold_start_sweep(args, (8, 12, 16))
     return dict(
@@ -305,9 +358,15 @@ def summarize(forward, train) -> dict:
         times = [r["seconds"] for r in train if r["method"] == method and r["seconds"]]
         if len(times) > 1:
             flat[method] = max(times) / min(times)
+    by_batch = {
+        m: {r["batch"]: a["seconds"] / r["seconds"]
+            for a, r in zip(forward["lrs"]["rows"], forward[m]["rows"])}
+        for m in ("base", "lora")
+    }  # fmt: skip
     return dict(
         batch=largest,
         lrs_over={m: at("lrs") / at(m) for m in forward if m != "lrs"},
+        lrs_over_by_batch=by_batch,
         temp_bytes={m: at(m, "temp_bytes") for m in forward},
         train_slowest_over_fastest=flat,
     )

@@ -13,7 +13,14 @@ nnx = pytest.importorskip("flax.nnx")
 pytest.importorskip("orbax.checkpoint")
 
 import lrs  # noqa: E402
-from lrs.nn import cold_start, layers, nnx_model, nnx_train, store  # noqa: E402
+from lrs.nn import (  # noqa: E402
+    cold_start,
+    layers,
+    lrs_linear,
+    nnx_model,
+    nnx_train,
+    store,
+)
 from lrs.nn.baseline_layers import PLoRALinear, UserHeadLinear  # noqa: E402
 from lrs.nn.layers import LRSLinear, UserLoRALinear, personalize  # noqa: E402
 
@@ -124,14 +131,27 @@ def _tokens(b=8, seed=3):
 # --- the layers -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("bias", [True, False])
-def test_lrs_forward_equals_user_kernel(dtype, bias):
+# (batch, ..., in) shapes: one token per row (the shared-matmul route), several
+# (per-row kernels), and per-row kernels two rows at a time (5 = 2 + 2 + 1).
+ROUTES = {"shared": ((5, 7), None), "per_row": ((5, 2, 3, 7), None),
+          "chunked": ((5, 4, 7), 2 * 7 * 5)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "route, dtype, bias",
+    [("per_row", d, b) for d in (jnp.float32, jnp.float64) for b in (True, False)]
+    + [("shared", jnp.float64, True), ("shared", jnp.float32, False),
+       ("chunked", jnp.float32, True)],
+)  # fmt: skip
+def test_lrs_forward_equals_user_kernel(route, dtype, bias, monkeypatch):
+    shape, chunk_elements = ROUTES[route]
+    if chunk_elements:
+        monkeypatch.setattr(lrs_linear, "_CHUNK_ELEMENTS", chunk_elements)
     layer = _lrs(dtype, bias=bias)
     ids = jnp.array([0, 3, 3, 5, 1])
-    x = jax.random.normal(jax.random.key(4), (5, 2, 3, 7), dtype)  # (batch, ..., in)
+    x = jax.random.normal(jax.random.key(4), shape, dtype)
     y = _forward(layer, x, ids)
-    assert y.dtype == dtype and y.shape == (5, 2, 3, 5)
+    assert y.dtype == dtype and y.shape == shape[:-1] + (5,)
     b0 = np.asarray(layer.base.bias[...]) if bias else 0.0
     tol = dict(rtol=TOL[dtype], atol=TOL[dtype])
     for b in range(5):
@@ -388,6 +408,24 @@ def test_step_changes_only_the_batch_rows(method):
         assert idx.shape == (20, 3)  # still k entries per user, all distinct
         assert all(len(set(row)) == 3 for row in idx)
         assert np.any(np.asarray(model.head.values[3]) != 0)
+
+
+@pytest.mark.slow
+def test_step_memory_does_not_grow_with_users(optimized):
+    """The compiled step's temporary bytes are the same for 20 and 20,000
+    users, and every table is updated in place (donated and aliased)."""
+    temp = []
+    for n in (20, 20_000):
+        model, _ = _gpt(n=n)
+        config = nnx_train.StepConfig(train="adapters")
+        graphdef, state, opt = nnx_train.init(model, config)
+        step = nnx_train.make_step(graphdef, config, opt)
+        compiled = step.lower(state, _tokens(), _tokens(), jnp.arange(8)).compile()
+        memory = compiled.memory_analysis()
+        table_bytes = sum(t.nbytes for t in jax.tree.leaves(state.tables))
+        assert memory.alias_size_in_bytes >= table_bytes
+        temp.append(memory.temp_size_in_bytes)
+    assert temp[0] == temp[1]
 
 
 def test_cold_start_moves_only_new_users_rows():

@@ -1,11 +1,23 @@
 """The low-rank plus sparse NNX layer: :class:`LRSLinear` around an ``nnx.Linear``.
 
 ``x @ (W + sum_j V[u, j] U_j + B_u) + bias`` for row ``b`` owned by user
-``u``, without forming any ``(batch, in, out)`` array: the shared factors are
-applied to the whole batch in one matmul and combined with each row's
-coefficients; the sparse part is a gather of ``k`` input columns and a
-scatter-add into ``k`` outputs per row. Out-of-range user ids are refused
-when the ids are concrete; under ``jit`` they give NaN outputs.
+``u``, without forming any ``(batch, in, out)`` array, by one of two routes
+chosen from the shapes at trace time:
+
+* rows of one token (decoding, ``x (batch, in)`` or ``(batch, 1, in)``):
+  ``x @ [U_1 .. U_r]`` as one matmul shared by the batch, combined with each
+  row's coefficients, plus a gather of ``k`` input columns and a
+  scatter-add into ``k`` outputs per row for the sparse part;
+* rows of ``t >= 2`` tokens: each row's kernel ``W + sum_j V[u, j] U_j +
+  B_u`` is built and applied to its ``t`` tokens, a few rows at a time
+  (``jax.lax.map`` over chunks of at most ``_CHUNK_ELEMENTS`` kernel
+  entries, so memory does not grow with the batch). Building a kernel costs
+  ``r * in * out`` multiply-adds per row, the shared matmul ``t * r * in *
+  out``: with ``t = 16`` tokens and ``r = 4`` the per-row route does about a
+  quarter of the shared route's work (measured in ``experiments/bench_nnx.py``).
+
+Out-of-range user ids are refused when the ids are concrete; under ``jit``
+they give NaN outputs.
 """
 
 from __future__ import annotations
@@ -26,6 +38,12 @@ from lrs.nn.user_state import (
 from lrs.validation import check_integer
 
 __all__ = ["LRSLinear", "sparse_dense", "sparse_matmul"]
+
+# Rows of at least this many tokens go through per-row kernels (see LRSLinear).
+_PER_ROW_TOKENS = 2
+# Per-row kernels are built at most this many elements at a time (128 KiB in
+# float32): chunk = max(1, _CHUNK_ELEMENTS // (in * out)) rows.
+_CHUNK_ELEMENTS = 2**15
 
 
 def sparse_matmul(x, indices, values, out_features: int) -> jax.Array:
@@ -132,17 +150,46 @@ class LRSLinear(LinearAdapter):
         )
         return self.base.kernel[...] + low_rank + sparse
 
+    def _low_rank_shared(self, x, ids):
+        """``x @ W + sum_j v_j (x @ U_j)``: one matmul ``x @ [U_1 .. U_r]``."""
+        z = jnp.einsum("...i,rio->...ro", x, self.U[...])
+        v = gather_rows(self.V[...], ids)
+        return self.base(x) + jnp.einsum("b...ro,br->b...o", z, v)
+
+    def _per_row(self, x, ids):
+        """Each row times its own kernel, ``chunk`` rows' kernels at a time."""
+        r, d_in, d_out = self.U.shape
+        v = gather_rows(self.V[...], ids)
+        idx = gather_rows(self.indices[...], ids)
+        val = gather_rows(self.values[...], ids)
+        factors, kernel = self.U[...].reshape(r, -1), self.base.kernel[...].ravel()
+        bias = self.base.bias[...] if self.base.bias is not None else None
+        dtype = self.base.dtype or jnp.result_type(
+            x, kernel, *(() if bias is None else (bias,))
+        )
+
+        @jax.checkpoint  # differentiated, rebuild the kernel rather than keep it
+        def one(row):
+            xb, vb, ib, wb = row
+            k = (kernel + vb @ factors).at[ib].add(wb).reshape(d_in, d_out)
+            return xb.astype(dtype) @ k.astype(dtype)
+
+        chunk = max(1, min(x.shape[0], _CHUNK_ELEMENTS // (d_in * d_out)))
+        y = jax.lax.map(one, (x, v, idx, val), batch_size=chunk)
+        return y if bias is None else y + bias.astype(dtype)
+
     def __call__(self, x, user_ids=None):
         ids = resolve_ids(user_ids, x, self.num_users)
         if self.materialize:
             y = jnp.einsum("b...i,bio->b...o", x, self.user_kernels(ids))
             return y + self.base.bias[...] if self.base.bias is not None else y
-        y = self.base(x)
-        z = jnp.einsum("...i,rio->...ro", x, self.U[...])  # one matmul for all
-        y = y + jnp.einsum("b...ro,br->b...o", z, gather_rows(self.V[...], ids))
         probe = getattr(self, "probe", None)
         if probe is not None:  # training with support re-selection
+            y = self._low_rank_shared(x, ids)
             return y + jnp.einsum("b...i,bio->b...o", x, probe[...][ids])
+        if int(np.prod(x.shape[1:-1])) >= _PER_ROW_TOKENS:
+            return self._per_row(x, ids)
+        y = self._low_rank_shared(x, ids)
         if self.sparsity:
             idx, val = (
                 gather_rows(self.indices[...], ids),

@@ -226,7 +226,6 @@ def train_shared_private(
     if loss_fn is None:
         _check_mse_targets(model, inputs, targets)
         loss_fn = _mse
-    z, name = noise_multiplier(config, n)
     batch = min(config.users_per_step, n)
     shared_filter = SharedParam if config.train == "adapters" else nnx.Param
     graphdef, itabs, ftabs, shared, frozen = nnx.split(
@@ -234,6 +233,7 @@ def train_shared_private(
     )
     for leaf in jax.tree.leaves(shared):
         check_representable("clip_norm", float(config.clip_norm), leaf.dtype)
+    z, name = noise_multiplier(config, n)  # after the checks: it takes seconds
     step = _cached_step(
         graphdef, loss_fn, float(config.learning_rate), float(config.clip_norm),
         float(config.user_lr), not config.non_private, batch,

@@ -103,6 +103,20 @@ def _global_row(pre) -> dict:
     )
 
 
+def _teacher_data(setup, seed: int, t_i: int, teacher: str, compiled: dict):
+    """One teacher's per-seed keys, tasks, data splits and pretrained bases
+    (``compiled``: the programs cache shared across teachers)."""
+    seed_keys = [
+        jax.random.fold_in(jax.random.key(seed), 1000 * t_i + s)
+        for s in range(setup.seeds)
+    ]
+    tasks = [make_task(key_for(k, "task"), teacher, setup) for k in seed_keys]
+    tokens = np.stack([t["tokens"] for t in tasks])
+    labels = np.stack([t["labels"] for t in tasks])
+    pre = pretrain(setup, tasks, tokens, labels, seed_keys, compiled)
+    return seed_keys, tasks, _splits(tokens, labels, setup), pre
+
+
 def run(setup: Setup, out: Path, *, seed: int = 0, log=print_line) -> dict:
     """Runs the study under ``setup``; writes the JSON, the table and the plot.
 
@@ -114,15 +128,9 @@ def run(setup: Setup, out: Path, *, seed: int = 0, log=print_line) -> dict:
     load_start = os.getloadavg()
     teachers, compiled, dp_part = [], {}, None
     for t_i, teacher in enumerate(setup.teachers):
-        seed_keys = [
-            jax.random.fold_in(jax.random.key(seed), 1000 * t_i + s)
-            for s in range(setup.seeds)
-        ]
-        tasks = [make_task(key_for(k, "task"), teacher, setup) for k in seed_keys]
-        tokens = np.stack([t["tokens"] for t in tasks])
-        labels = np.stack([t["labels"] for t in tasks])
-        splits = _splits(tokens, labels, setup)
-        pre = pretrain(setup, tasks, tokens, labels, seed_keys, compiled)
+        seed_keys, tasks, splits, pre = _teacher_data(
+            setup, seed, t_i, teacher, compiled
+        )
         rows = [_global_row(pre)]
         log(
             f"[{teacher}] global: trained {np.mean(pre['trained']):.3f} "
@@ -170,15 +178,7 @@ def run_dp_only(setup: Setup, out: Path, *, seed: int = 0, into=None, log=print_
     clock = Clock()
     teacher = dp_teacher(setup)
     t_i = setup.teachers.index(teacher)
-    seed_keys = [
-        jax.random.fold_in(jax.random.key(seed), 1000 * t_i + s)
-        for s in range(setup.seeds)
-    ]
-    tasks = [make_task(key_for(k, "task"), teacher, setup) for k in seed_keys]
-    tokens = np.stack([t["tokens"] for t in tasks])
-    labels = np.stack([t["labels"] for t in tasks])
-    splits = _splits(tokens, labels, setup)
-    pre = pretrain(setup, tasks, tokens, labels, seed_keys, {})
+    seed_keys, _, splits, pre = _teacher_data(setup, seed, t_i, teacher, {})
     part = dp_section(setup, teacher, pre, seed_keys, splits, {}, log)
     if into is not None:  # the same bases as the saved comparison's?
         saved = next(t for t in into["teachers"] if t["teacher"] == teacher)

@@ -14,20 +14,19 @@ predictions for the shared step: ``O(t m)``) lives in host memory, so the
 device holds one chunk of data plus ``O(d r)`` (``O(d^2)`` for the dense
 moment matrix).
 
-Ragged data (:class:`lrs.RaggedData`, ``N`` samples without padding) streams
-the same way through :class:`_RaggedStream`: users sorted by sample count,
-``chunk_users`` at a time, each chunk left-packed to its own largest count
-rounded up to a power of two; per-user state stays in the users' order and
-the per-sample predictions take ``O(N)``. Memory and time then follow ``N``,
-not ``t m_max``, and the global selections see the same per-user numbers as
-the padded fit.
+The chunks come from ``lrs/host_stream.py``. Ragged data
+(:class:`lrs.RaggedData`, ``N`` samples without padding) streams the same
+way: users sorted by sample count, ``chunk_users`` at a time, each chunk
+left-packed to its own largest count rounded up to a power of two; per-user
+state stays in the users' order and the per-sample predictions take
+``O(N)``. Memory and time then follow ``N``, not ``t m_max``, and the
+global selections see the same per-user numbers as the padded fit.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +36,7 @@ from lrs import amht, loop, metrics, peruser, sharding, shared
 from lrs.config import AMHTConfig
 from lrs.data import RaggedData, UserData, float_dtype
 from lrs.errors import raise_if_nonfinite
+from lrs.host_stream import RaggedStream, Stream, drain, rows_count
 from lrs.linalg import orthonormalize
 from lrs.params import LRSParams, SparseRows, weights
 from lrs.validation import (
@@ -149,191 +149,6 @@ def _error_chunk(U, V, idx, val, U_star, V_star, idx_star, val_star):
 # ------------------------------------------------------------- the streamer
 
 
-class _Stream:
-    """Host data cut into chunks of ``c`` users, the last one padded with
-    empty users (no samples), so every chunk has one shape.
-
-    With a ``mesh``, each chunk is split over the mesh's ``'users'`` devices
-    (``c`` rounded up to a multiple of them): every device receives and
-    computes on its own users of the chunk, and each per-chunk program runs
-    on all devices at once (jit partitions it by its inputs' sharding; the
-    sums over users become cross-device reductions).
-    """
-
-    def __init__(self, data: UserData, c: int, mesh=None, resident: bool = False):
-        self.data = data
-        self.resident, self._kept = resident, {}
-        self.t, self.m, self.d = self._shape(data)
-        self.c = min(c, self.t)
-        self.mesh, self.placement = mesh, None
-        if mesh is not None:
-            self.c = sharding.padded_users(self.c, sharding.check_mesh(mesh))
-            # Auto axes: jit partitions each per-chunk program by its inputs
-            # (an Explicit mesh, jax.make_mesh's default, would instead ask
-            # every sum over users for an output sharding).
-            auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
-            mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
-            spec = jax.sharding.PartitionSpec(sharding.AXIS)
-            self.placement = jax.sharding.NamedSharding(mesh, spec)
-        self.dtype = float_dtype(data.X.dtype)
-
-    @staticmethod
-    def _shape(data) -> tuple[int, int, int]:
-        return data.X.shape
-
-    def _spans(self, users) -> list:
-        """The rows of each chunk: all users in order, or ``users``."""
-        if users is None:
-            return [slice(s, min(s + self.c, self.t)) for s in range(0, self.t, self.c)]
-        return [users[i : i + self.c] for i in range(0, len(users), self.c)]
-
-    def sample_buffer(self):
-        """A zero host buffer of one value per sample (the ``(t, m)`` layout)."""
-        return np.zeros((self.t, self.m), self.dtype)
-
-    def store(self, target, rows, n: int, value) -> None:
-        """Writes a chunk's result ``value`` (``c`` rows) into ``target[rows]``."""
-        target[rows] = np.asarray(value)[:n]
-
-    def narrower(self, c: int) -> _Stream:
-        """The same data streamed ``c`` users at a time."""
-        return type(self)(self.data, c, self.mesh)
-
-    def _load(self, rows, per_user, data: bool):
-        """One chunk on the device: X, y, mask (if ``data``) and ``per_user``."""
-        n = _rows_count(rows)
-        out = []
-        if data:
-            X, y, mask = self.data
-            out += [_padded(X, rows, n, self.c, self.dtype)]
-            out += [_padded(y, rows, n, self.c, self.dtype)]
-            out += [_padded(mask, rows, n, self.c, bool)]
-        out += [_padded(a, rows, n, self.c, a.dtype) for a in per_user]
-        return jax.device_put(out, self.placement)
-
-    def chunks(self, *per_user, users=None, data=True) -> Iterator[tuple[object, list]]:
-        """Yields ``(rows, device arrays)`` chunk by chunk.
-
-        The arrays are ``X, y, mask`` (unless ``data`` is False) and the rows
-        of each host array in ``per_user``. The next chunk is read and copied
-        once the caller has dispatched its work on the current one. ``users``
-        (sorted indices) streams only those users, ``c`` at a time.
-        """
-        spans = self._spans(users)
-        keep = self.resident and data and users is None
-        current = self._get(0, spans[0], per_user, data, keep) if spans else None
-        for i, rows in enumerate(spans):
-            yield rows, current
-            if i + 1 < len(spans):
-                current = self._get(i + 1, spans[i + 1], per_user, data, keep)
-
-    def _get(self, i: int, rows, per_user, data: bool, keep: bool) -> list:
-        """:meth:`_load`, the data of chunk ``i`` kept on the device after
-        its first pass when ``keep`` (``resident``)."""
-        if not keep:
-            return self._load(rows, per_user, data)
-        if i not in self._kept:
-            self._kept[i] = self._load(rows, (), True)
-        return list(self._kept[i]) + list(self._load(rows, per_user, False))
-
-    def total(self, fn: Callable, *per_user):
-        """Sum over chunks of ``fn(*device_arrays)`` (a pytree), on the device."""
-        acc = None
-        for _, arrays in self.chunks(*per_user):
-            part = fn(*arrays)
-            acc = part if acc is None else jax.tree.map(jnp.add, acc, part)
-        return acc
-
-
-class _Samples(NamedTuple):
-    """A host buffer of one value per sample of a :class:`RaggedData`, in its
-    order: ``flat (N,)``."""
-
-    flat: np.ndarray
-
-
-class _RaggedStream(_Stream):
-    """A :class:`RaggedData` cut into chunks of ``c`` users of similar counts.
-
-    Users are sorted by sample count and taken ``c`` at a time; a chunk's
-    samples are left-packed into ``(c, m_b, d)``, ``m_b`` its largest count
-    rounded up to a power of two (a few distinct shapes: a few compilations
-    of each program, at most twice the chunk's real samples). Per-user
-    results go to the users' own rows; per-sample buffers are
-    :class:`_Samples`. Memory follows the number of samples, not ``t m_max``.
-    """
-
-    @staticmethod
-    def _shape(data) -> tuple[int, int, int]:
-        return data.num_users, 0, data.dim
-
-    def _spans(self, users) -> list:
-        users = np.arange(self.t) if users is None else np.asarray(users)
-        users = users[np.argsort(self.data.counts[users], kind="stable")]
-        return [users[i : i + self.c] for i in range(0, len(users), self.c)]
-
-    def sample_buffer(self) -> _Samples:
-        return _Samples(np.zeros(len(self.data.y), self.dtype))
-
-    def width(self, rows) -> int:
-        """``m_b``: the chunk's largest count rounded up to a power of two."""
-        largest = int(self.data.counts[rows].max(initial=1))
-        return 1 << max(largest - 1, 0).bit_length()
-
-    def _load(self, rows, per_user, data: bool):
-        n, m = len(rows), self.width(rows)
-        row, column, source = self.data.positions(rows)
-
-        def packed(a, tail, dtype):
-            out = np.zeros((self.c, m) + tail, dtype)
-            out[row, column] = a[source]
-            return out
-
-        out = []
-        if data:
-            out += [packed(self.data.X, (self.d,), self.dtype)]
-            out += [packed(self.data.y, (), self.dtype)]
-            mask = np.zeros((self.c, m), bool)
-            mask[row, column] = True
-            out += [mask]
-        for a in per_user:
-            if isinstance(a, _Samples):
-                out += [packed(a.flat, (), a.flat.dtype)]
-            else:
-                out += [_padded(a, rows, n, self.c, a.dtype)]
-        return jax.device_put(out, self.placement)
-
-    def store(self, target, rows, n: int, value) -> None:
-        if not isinstance(target, _Samples):
-            return super().store(target, rows, n, value)
-        row, column, source = self.data.positions(rows)
-        target.flat[source] = np.asarray(value)[row, column]
-
-
-def _padded(a, rows, n: int, c: int, dtype) -> np.ndarray:
-    """``a[rows]`` as a fresh array of ``c`` rows (zeros past ``n``)."""
-    out = np.zeros((c,) + tuple(a.shape[1:]), dtype)
-    out[:n] = np.asarray(a[rows])
-    return out
-
-
-def _drain(pending, targets, stream: _Stream | None = None) -> None:
-    """Writes a chunk's results (``(rows, n, outputs)``) into host arrays
-    (through ``stream.store``: a ragged stream's per-sample buffers)."""
-    if pending is None:
-        return
-    rows, n, outputs = pending
-    for target, value in zip(targets, outputs):
-        if stream is None:
-            target[rows] = np.asarray(value)[:n]
-        else:
-            stream.store(target, rows, n, value)
-
-
-def _rows_count(rows) -> int:
-    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-
-
 # ---------------------------------------------------------------- the fit
 
 
@@ -386,7 +201,7 @@ def fit(
     config, U0 = _check(data, config, chunk_users, truth, U0)
     if mesh is not None:
         sharding.check_mesh(mesh)
-    kind = _RaggedStream if isinstance(data, RaggedData) else _Stream
+    kind = RaggedStream if isinstance(data, RaggedData) else Stream
     if not isinstance(resident, bool):
         raise ValueError(f"resident must be a bool; got {resident!r}")
     stream = kind(data, int(chunk_users), mesh, resident)
@@ -428,7 +243,7 @@ def fit(
 class _HostState:
     """Per-user state of the streamed fit, in host memory (``O(t (r + k + m))``)."""
 
-    def __init__(self, stream: _Stream, r: int, k: int):
+    def __init__(self, stream: Stream, r: int, k: int):
         t, dtype = stream.t, stream.dtype
         self.V = np.zeros((t, r), dtype)
         self.indices = np.zeros((t, k), np.int32)
@@ -466,7 +281,7 @@ class _HostState:
         return LRSParams(self.U, self.V * s, B)
 
 
-def _label_scale(stream: _Stream) -> jax.Array:
+def _label_scale(stream: Stream) -> jax.Array:
     """As :func:`lrs.amht._label_scale`; also checks the data are finite."""
     y_sq, count, bad_X, bad_y = stream.total(_label_sums)
     if int(bad_X):
@@ -476,7 +291,7 @@ def _label_scale(stream: _Stream) -> jax.Array:
     return amht.label_scale(y_sq, count, stream.dtype)
 
 
-def _initial_U(stream: _Stream, config: AMHTConfig, key, U0, scale) -> jax.Array:
+def _initial_U(stream: Stream, config: AMHTConfig, key, U0, scale) -> jax.Array:
     """As :func:`lrs.amht.initial_U`, the moment passes streamed."""
     d, r = stream.d, config.rank
     if U0 is not None:
@@ -508,13 +323,13 @@ def _per_user_step(stream, state: _HostState, scale, config, steps, cold: bool):
     targets = state.fits() + state.predictions() + (state.y_sq, state.counts)
     pending = None
     for rows, (X, y, mask, *warm) in stream.chunks(*(() if cold else (state.indices,))):
-        _drain(pending, targets, stream)  # the previous chunk, while this computes
+        drain(pending, targets, stream)  # the previous chunk, while this computes
         support = None if cold else warm[0]
         fits, preds, y_sq, counts = _pursue_chunk(
             X, y, mask, support, U, scale, half, steps, config
         )
-        pending = (rows, _rows_count(rows), (*fits, *preds, y_sq, counts))
-    _drain(pending, targets, stream)
+        pending = (rows, rows_count(rows), (*fits, *preds, y_sq, counts))
+    drain(pending, targets, stream)
     n = peruser.rescue_count(stream.t, config)
     if n == 0:
         return
@@ -527,12 +342,12 @@ def _per_user_step(stream, state: _HostState, scale, config, steps, cold: bool):
     targets = state.fits() + state.predictions()
     pending = None
     for rows, (X, y, mask, *current) in rescue.chunks(*state.fits(), users=worst):
-        _drain(pending, targets, rescue)
+        drain(pending, targets, rescue)
         best = peruser.UserFit(*current)
         for start in starts:  # one after the other: see _rescue_chunk
             best, preds = _rescue_chunk(X, y, mask, U, best, scale, half, config, start)
         pending = (rows, len(rows), (*best, *preds))
-    _drain(pending, targets, rescue)
+    drain(pending, targets, rescue)
 
 
 def _shared_step(stream, state: _HostState, scale, config, cg_tol):

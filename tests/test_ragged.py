@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lrs
-from lrs import datasets, streaming
+from lrs import datasets, host_stream, streaming
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
@@ -111,7 +111,7 @@ def test_chunks_pack_users_of_similar_counts_into_power_of_two_widths():
     counts = rng.integers(2, 17, size=11)
     n = int(counts.sum())
     ragged = lrs.RaggedData(rng.normal(size=(n, 12)), rng.normal(size=n), counts)
-    stream = streaming._RaggedStream(ragged, 4)
+    stream = host_stream.RaggedStream(ragged, 4)
     seen, widths = [], []
     residual = stream.sample_buffer()
     residual.flat[:] = np.arange(len(ragged.y))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lrs
-from lrs import streaming, validation
+from lrs import host_stream, validation
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
@@ -76,14 +76,14 @@ def test_any_chunk_size_gives_the_same_fit(problem, in_memory, chunk_users):
 
 def test_chunks_cover_every_user_once_and_pad_the_last():
     X = np.arange(5 * 2 * 3, dtype=np.float64).reshape(5, 2, 3)
-    stream = streaming._Stream(lrs.UserData.from_host(X, np.ones((5, 2))), 2)
+    stream = host_stream.Stream(lrs.UserData.from_host(X, np.ones((5, 2))), 2)
     chunks = list(stream.chunks(np.arange(5)))
     assert [rows for rows, _ in chunks] == [slice(0, 2), slice(2, 4), slice(4, 5)]
     _, (X_last, y_last, mask_last, ids_last) = chunks[-1]
     assert X_last.shape == (2, 2, 3)  # one shape for every chunk
     np.testing.assert_array_equal(X_last[0], X[4])
     assert mask_last[0].all() and not mask_last[1].any()  # padding: no samples
-    assert streaming._Stream(stream.data, 99).c == 5
+    assert host_stream.Stream(stream.data, 99).c == 5
 
 
 @pytest.mark.parametrize("chunk_users", [0, -3, 2.5, True, "4", None])

@@ -2,7 +2,7 @@
 
 :func:`lrs.private.fit`'s program driven from Python, the users streamed to
 the device in chunks of ``chunk_users`` for every pass (``lrs.streaming``'s
-``_Stream``: the next chunk is copied while the current one computes). Each
+``Stream``: the next chunk is copied while the current one computes). Each
 chunk computation is a jitted call of the in-memory fit's own functions
 (``moment_norms``, ``moment_sum``, ``step_norms``, ``step_sums``,
 ``peruser.per_user_step`` with the rescue off, so each user's fit is local);
@@ -34,12 +34,13 @@ import numpy as np
 from lrs import metrics, peruser, sharding
 from lrs.config import AMHTConfig
 from lrs.data import UserData
+from lrs.host_stream import Stream, drain, rows_count
 from lrs.params import LRSParams, SparseRows
 from lrs.private import algorithm as alg
 from lrs.private import mechanism as mech
 from lrs.private.config import DPConfig
 from lrs.private.result import finish
-from lrs.streaming import _drain, _error_chunk, _rows_count, _Stream
+from lrs.streaming import _error_chunk
 from lrs.validation import check_integer, check_key, check_truth
 
 # ----------------------------------------------------- per-chunk computations
@@ -130,28 +131,28 @@ class _Fits:
         return tuple(np.asarray(a) for a in out)
 
 
-def _per_user_pass(stream: _Stream, fits: _Fits, U, config, norms: bool, cold: bool):
+def _per_user_pass(stream: Stream, fits: _Fits, U, config, norms: bool, cold: bool):
     """Every user's fit given ``U`` (and the next step's norms), into ``fits``."""
     targets = fits.arrays() + ((fits.norms,) if norms else ())
     pending = None
     for rows, (X, y, mask, *warm) in stream.chunks(*(() if cold else (fits.support,))):
-        _drain(pending, targets)  # the previous chunk, while this one computes
+        drain(pending, targets)  # the previous chunk, while this one computes
         out, eligible, step = _fits_chunk(
             X, y, mask, None if cold else warm[0], U, config, norms
         )
         extra = (step,) if norms else ()
-        pending = (rows, _rows_count(rows), (*out, eligible, *extra))
-    _drain(pending, targets)
+        pending = (rows, rows_count(rows), (*out, eligible, *extra))
+    drain(pending, targets)
 
 
-def _moment_norms(stream: _Stream, config):
+def _moment_norms(stream: Stream, config):
     norms = np.zeros((stream.t,), stream.dtype)
     eligible = np.zeros((stream.t,), bool)
     pending = None
     for rows, (X, y, mask) in stream.chunks():
-        _drain(pending, (norms, eligible))
-        pending = (rows, _rows_count(rows), _moment_norms_chunk(X, y, mask, config))
-    _drain(pending, (norms, eligible))
+        drain(pending, (norms, eligible))
+        pending = (rows, rows_count(rows), _moment_norms_chunk(X, y, mask, config))
+    drain(pending, (norms, eligible))
     return norms, eligible
 
 
@@ -240,7 +241,7 @@ def fit_streamed(
     if mesh is not None:
         sharding.check_mesh(mesh)
     prepared, data = alg.prepare(data, config, dp_config, U0)
-    stream = _Stream(data, int(chunk_users), mesh)
+    stream = Stream(data, int(chunk_users), mesh)
     t, d = stream.t, stream.d
     if truth is not None:
         check_truth(truth, t, d)

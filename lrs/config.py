@@ -39,6 +39,18 @@ class AMHTConfig:
         chosen by hard thresholding; its values are shrunk towards 0). Default
         0 (exact recovery); unshrunk idiosyncrasies overfit noisy ratings
         (docs/results.md), where values of 5-50 help.
+      sparse_significance: per-user sparsity. Each user keeps a sparse value
+        only when it is significant, ``|b_ij| >= sparse_significance x se_ij``
+        (its t-statistic: ``se_ij`` is the standard error of ``b_ij`` in the
+        user's least squares on ``[X_i U, X_i[:, S_i]]``, from the user's
+        residual variance ``||res_i||^2 / (m_i - r - k)``), and the user's
+        ``v_i`` and remaining values are refitted without the others. A user
+        with few samples (or ``m_i <= r + k``: no variance estimate) then keeps
+        fewer than ``k`` idiosyncrasies, down to none, while one with many
+        keeps those its data supports. Default 0: every user keeps ``k``
+        (exact recovery of noiseless data is unaffected by the rule either
+        way: its residual variance is 0). Values near 2 (a two-sided 95% test
+        per value) suit noisy data such as ratings.
       sparse_features: the features a user's sparse part may use, a tuple of
         feature indices (e.g. the genre columns of rating data), or None for
         all ``d``; ``sparsity`` must not exceed its length.
@@ -79,6 +91,7 @@ class AMHTConfig:
     fresh_samples: int = 0
     ridge: float = 0.0
     sparse_ridge: float = 0.0
+    sparse_significance: float = 0.0
     sparse_features: tuple[int, ...] | None = None
     stall_iters: int = 10
     u_solver: str = "cg"
@@ -105,7 +118,7 @@ class AMHTConfig:
             ("chunk_bytes", 1),
         ):
             check_integer(name, getattr(self, name), low)
-        for name in ("ridge", "sparse_ridge"):
+        for name in ("ridge", "sparse_ridge", "sparse_significance"):
             check_real(name, getattr(self, name), "a finite number >= 0", low=0)
         self._check_sparse_features()
         if self.user_chunk_size is not None:

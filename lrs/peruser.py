@@ -202,6 +202,7 @@ def pursue(
     sparse_ridge=0.0,
     allowed=None,
     mask=None,
+    significance=0.0,
 ) -> UserFit:
     """Refits users on ``support (n, k)``, then up to ``steps`` pursuit steps.
 
@@ -210,13 +211,91 @@ def pursue(
     ``sparse_ridge`` and ``allowed``: see :func:`pursuit_step`. ``mask (n,
     m)``: the samples present; on the others ``X`` may hold anything finite
     and ``A`` and ``y`` must be zero (None: ``X`` is masked already).
+    ``significance``: then keep only significant sparse values
+    (:func:`_keep_significant`; 0: all ``k``).
     """
-    return _pursue(A, X, y, support, steps, ridge, sparse_ridge, allowed, mask)[0]
+    args = (steps, ridge, sparse_ridge, allowed, mask)
+    return _pursue(A, X, y, support, *args, significance=significance)[0]
 
 
-def _pursue(A, X, y, support, steps, ridge, sparse_ridge, allowed, mask, columns=None):
+def _pursue(
+    A,
+    X,
+    y,
+    support,
+    steps,
+    ridge,
+    sparse_ridge,
+    allowed,
+    mask,
+    columns=None,
+    *,
+    significance=0.0,
+):
     """:func:`pursue`: ``(fits, residuals (n, m), support columns (n, m, k))``
     (``columns``: those of ``support``, when known)."""
+    fits, residual, columns = _pursue_all(
+        A, X, y, support, steps, ridge, sparse_ridge, allowed, mask, columns
+    )
+    if support.shape[-1] == 0 or (
+        isinstance(significance, float | int) and significance == 0
+    ):
+        return fits, residual, columns
+    count = jnp.full(y.shape[:1], y.shape[1]) if mask is None else mask.sum(axis=1)
+    free = X.shape[-1] if allowed is None else sum(map(bool, allowed))
+    keep = jax.vmap(_keep_significant, (0, 0, 0, 0, 0, None, None, None, None))
+    Z = jnp.concatenate([A, columns], axis=-1)
+    options = (count, ridge, sparse_ridge, significance, free)
+    fits, residual = keep(Z, y, fits, residual, *options)
+    return fits, residual, columns
+
+
+def search_dof(k: int, free: int) -> float:
+    """Degrees of freedom of ``k`` values chosen among ``free`` features:
+    ``k (1 + 2 log(free / k))`` (each chosen value costs about ``2 log(free /
+    k)`` more than a fixed one, as in the risk inflation criterion of Foster
+    and George, 1994)."""
+    return k * (1 + 2 * math.log(max(free / k, 1.0))) if k else 0.0
+
+
+def _keep_significant(
+    Z, y, fit: UserFit, residual, count, ridge, sparse_ridge, level, free
+):
+    """One user's fit with only its significant sparse values, refitted.
+
+    ``Z = [A, X_S] (m, r + k)`` (zero on masked samples), ``count`` the
+    user's samples and ``free`` the features the support was chosen among.
+    The residual variance ``s^2 = ||res||^2 / (count - r - search_dof(k,
+    free))`` (infinite when that count is not positive: the user cannot
+    support ``k`` values; the search counted, as the ``k`` columns were
+    chosen to fit this user's residual) and the inverse of the
+    (penalized) Gram matrix give each value's standard error ``se_j``; the
+    values with ``|b_j| < level se_j`` are set to 0 and ``v`` and the others
+    are refitted. Returns ``(fit, residual)``.
+    """
+    r, k = fit.v.shape[0], fit.b.shape[0]
+    p = r + k
+    G, h = Z.T @ Z, Z.T @ y
+    penalty = _penalty(r, k, ridge, sparse_ridge, y.dtype)
+    inverse = spd_solve(G, jnp.eye(p, dtype=y.dtype), penalty)
+    dof = count - r - search_dof(k, free)
+    variance = jnp.where(dof > 0, fit.sq_residual / jnp.maximum(dof, 1), jnp.inf)
+    se = jnp.sqrt(variance * jnp.maximum(jnp.diagonal(inverse)[r:], 0))
+    kept = jnp.abs(fit.b) >= level * se
+    used = jnp.concatenate([jnp.ones((r,), bool), kept])
+    G = jnp.where(used[:, None] & used[None, :], G, jnp.diag((~used).astype(G.dtype)))
+    coef = jnp.where(used, spd_solve(G, jnp.where(used, h, 0), penalty), 0)
+    res = y - Z @ coef
+    refit = UserFit(coef[:r], fit.support, coef[r:], res @ res)
+    all_kept = jnp.all(kept)
+    fit = jax.tree.map(lambda a, b: jnp.where(all_kept, a, b), fit, refit)
+    return fit, jnp.where(all_kept, residual, res)
+
+
+def _pursue_all(
+    A, X, y, support, steps, ridge, sparse_ridge, allowed, mask, columns=None
+):
+    """The pursuit of :func:`_pursue` (every user keeps ``k`` values)."""
     fit_fn = functools.partial(_fit_on_support, sparse_ridge=sparse_ridge)
     fits, systems = jax.vmap(fit_fn, (0, 0, 0, 0, None, 0, 0))(
         A, X, y, support, ridge, mask, columns
@@ -300,6 +379,7 @@ def rescue(
     sparse_ridge=0.0,
     allowed=None,
     mask=None,
+    significance=0.0,
 ) -> UserFit:
     """Stronger attempt for a batch of hard users: best of ``fits``, a cold
     start and an l1 start, each polished by ``steps`` pursuit steps.
@@ -315,6 +395,7 @@ def rescue(
         ridge=ridge,
         sparse_ridge=sparse_ridge,
         allowed=allowed,
+        significance=significance,
     )
     A, y = _low_rank_columns(X, y, mask, U)
     best = _rescue_candidate(A, X, y, mask, fits, "cold", **opts)
@@ -346,6 +427,7 @@ def _rescue_candidate(
     ridge,
     sparse_ridge,
     allowed,
+    significance,
 ) -> UserFit:
     """One candidate of :func:`rescue` (``start``: ``'cold'`` or ``'l1'``)
     polished by pursuit; each row of ``best`` it fits better is replaced."""
@@ -367,6 +449,7 @@ def _rescue_candidate(
         sparse_ridge=sparse_ridge,
         allowed=allowed,
         mask=mask,
+        significance=significance,
     )
     return _keep_better(fit, best)
 
@@ -432,23 +515,38 @@ def _where_rows(pick, a, b):
 
 
 def solve_user(
-    X, y, U, support, *, steps: int, ridge=0.0, sparse_ridge=0.0, allowed=None
+    X,
+    y,
+    U,
+    support,
+    *,
+    steps: int,
+    ridge=0.0,
+    sparse_ridge=0.0,
+    allowed=None,
+    significance=0.0,
 ) -> UserFit:
-    """The per-user step for a single user (``X (m, d)`` already masked)."""
+    """The per-user step for a single user (``X (m, d)``, all samples present)."""
     batch = jax.tree.map(lambda a: a[None], (X @ U, X, y, support))
-    fits = pursue(*batch, steps, ridge, sparse_ridge=sparse_ridge, allowed=allowed)
+    opts = dict(sparse_ridge=sparse_ridge, allowed=allowed, significance=significance)
+    fits = pursue(*batch, steps, ridge, **opts)
     return jax.tree.map(lambda a: a[0], fits)
 
 
 def sparse_options(config: AMHTConfig, d: int) -> dict:
     """``config``'s keyword arguments of the per-user solvers for ``d`` features:
-    ``sparse_ridge`` and ``allowed`` (a static ``(d,)`` bool tuple, or None)."""
+    ``sparse_ridge``, ``allowed`` (a static ``(d,)`` bool tuple, or None) and
+    ``significance`` (:attr:`lrs.AMHTConfig.sparse_significance`)."""
     allowed = None
     if config.sparse_features is not None:
         config.check_features(d)
         chosen = set(config.sparse_features)
         allowed = tuple(j in chosen for j in range(d))
-    return dict(sparse_ridge=config.sparse_ridge, allowed=allowed)
+    return dict(
+        sparse_ridge=config.sparse_ridge,
+        allowed=allowed,
+        significance=config.sparse_significance,
+    )
 
 
 # ---------------------------------------------------- the step over all users
@@ -540,22 +638,34 @@ def pursue_chunk(
     sparse_ridge=0.0,
     allowed=None,
     columns=None,
+    significance=0.0,
 ) -> tuple[UserFit, UserCache]:
     """:func:`pursue_masked` and the fits' :class:`UserCache` (``columns``:
     those of ``support``, when known)."""
     A, y = _low_rank_columns(X, y, mask, U)
     fits, residual, columns = _pursue(
-        A, X, y, support, steps, ridge, sparse_ridge, allowed, mask, columns
-    )
+        A, X, y, support, steps, ridge, sparse_ridge, allowed, mask, columns,
+        significance=significance,
+    )  # fmt: skip
     low_rank = jnp.einsum("nmr,nr->nm", A, fits.v)
     return fits, UserCache(residual, low_rank, columns)
 
 
 def pursue_masked(
-    X, y, mask, support, U, steps, ridge=0.0, *, sparse_ridge=0.0, allowed=None
+    X,
+    y,
+    mask,
+    support,
+    U,
+    steps,
+    ridge=0.0,
+    *,
+    sparse_ridge=0.0,
+    allowed=None,
+    significance=0.0,
 ) -> UserFit:
     """:func:`pursue` on padded data ``X (n, m, d)``, ``y, mask (n, m)``."""
-    opts = dict(sparse_ridge=sparse_ridge, allowed=allowed)
+    opts = dict(sparse_ridge=sparse_ridge, allowed=allowed, significance=significance)
     return pursue_chunk(X, y, mask, support, U, steps, ridge, **opts)[0]
 
 

@@ -1,4 +1,5 @@
-"""Model selection: choose (rank, sparsity, ridge, sparse_ridge) by validation.
+"""Model selection: choose (rank, sparsity, ridge, sparse_ridge, significance)
+by validation.
 
 :func:`select` holds out samples of each user inside the training data (a
 random share, or K folds), fits AMHT-LRS for every candidate on the rest,
@@ -6,10 +7,11 @@ scores the held-out samples, and refits the best candidate on all the data.
 Any :class:`lrs.UserData` will do (ratings, synthetic, your own).
 
 Batching: rank and sparsity fix array shapes, so each ``(rank, sparsity)``
-pair is one compiled program; the penalties (``ridge``, ``sparse_ridge``) and
-the folds are array inputs of that program, which runs over all of them with
-``lax.map`` (``batch_size`` candidates vmapped at a time: 1 keeps memory at
-one fit, larger trades memory for fewer sequential passes).
+pair is one compiled program; the penalties (``ridge``, ``sparse_ridge``, the
+per-user sparsity rule's ``sparse_significance``) and the folds are array
+inputs of that program, which runs over all of them with ``lax.map``
+(``batch_size`` candidates vmapped at a time: 1 keeps memory at one fit,
+larger trades memory for fewer sequential passes).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Candidate(NamedTuple):
     fold_mse: tuple[float, ...]  # one per fold
     iterations: tuple[int, ...]  # of each fold's fit
     stop_reasons: tuple[str, ...]  # of each fold's fit
+    sparse_significance: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,7 @@ class Selection:
     Attributes:
       table: every candidate's :class:`Candidate` row, in grid order.
       config: the chosen :class:`lrs.AMHTConfig` (the base config with the
-        chosen rank, sparsity, ridge and sparse_ridge).
+        chosen rank, sparsity, ridge, sparse_ridge and sparse_significance).
       params, diagnostics: the chosen config refitted on all of ``data``
         (None with ``refit=False``).
       folds, holdout, seed: the validation scheme.
@@ -83,10 +86,15 @@ class Selection:
 
     @property
     def chosen(self) -> dict:
-        """``{'rank', 'sparsity', 'ridge', 'sparse_ridge'}`` of the chosen config."""
+        """``{'rank', 'sparsity', 'ridge', 'sparse_ridge', 'sparse_significance'}``
+        of the chosen config."""
         c = self.config
         return dict(
-            rank=c.rank, sparsity=c.sparsity, ridge=c.ridge, sparse_ridge=c.sparse_ridge
+            rank=c.rank,
+            sparsity=c.sparsity,
+            ridge=c.ridge,
+            sparse_ridge=c.sparse_ridge,
+            sparse_significance=c.sparse_significance,
         )
 
     def to_dict(self) -> dict:
@@ -137,12 +145,16 @@ def validation_masks(
 # ----------------------------------------------------------- the fits
 
 
-def _with_penalties(config: AMHTConfig, ridge, sparse_ridge) -> AMHTConfig:
-    """A copy of ``config`` whose penalties are traced values (inside jit only;
-    it never leaves the traced function and is never hashed)."""
+PENALTIES = ("ridge", "sparse_ridge", "sparse_significance")
+
+
+def _with_penalties(config: AMHTConfig, values) -> AMHTConfig:
+    """A copy of ``config`` whose :data:`PENALTIES` are the traced ``values``
+    (inside jit only; it never leaves the traced function and is never
+    hashed)."""
     traced = copy.copy(config)
-    object.__setattr__(traced, "ridge", ridge)
-    object.__setattr__(traced, "sparse_ridge", sparse_ridge)
+    for i, name in enumerate(PENALTIES):
+        object.__setattr__(traced, name, values[i])
     return traced
 
 
@@ -161,7 +173,7 @@ def _squared_error(params: LRSParams, data: UserData, valid, chunk) -> jax.Array
 
 @functools.partial(jax.jit, static_argnames=("config", "batch_size"))
 def _score_candidates(data, train, scored, valid, penalties, key, config, batch_size):
-    """Validation error of every (fold, penalty pair): ``(F, P)`` arrays.
+    """Validation error of every (fold, penalties row): ``(F, P)`` arrays.
 
     Fits on ``data`` with the mask ``train[fold]``, scores the samples
     ``valid[fold]`` of ``scored`` (``data`` itself, or a validation set of
@@ -171,7 +183,7 @@ def _score_candidates(data, train, scored, valid, penalties, key, config, batch_
 
     def one(args):
         fold, pair = args
-        cfg = _with_penalties(config, penalties[pair, 0], penalties[pair, 1])
+        cfg = _with_penalties(config, penalties[pair])
         fit_data = data._replace(mask=train[fold])
         params, history, done = amht._fit_program(fit_data, cfg, key)
         sq, n = _squared_error(params, scored, valid[fold], chunk)
@@ -233,6 +245,7 @@ def select(
     sparsities: Sequence[int] = (0, 1, 2, 3),
     ridges: Sequence[float] = (0.0, 1.0, 10.0),
     sparse_ridges: Sequence[float] = (0.0,),
+    significances: Sequence[float] = (0.0,),
     folds: int = 1,
     holdout: float = 0.2,
     seed: int = 0,
@@ -241,13 +254,14 @@ def select(
     batch_size: int = 1,
     validation: UserData | None = None,
 ) -> Selection:
-    """Chooses ``(rank, sparsity, ridge, sparse_ridge)`` by held-out error.
+    """Chooses ``(rank, sparsity, ridge, sparse_ridge, sparse_significance)``
+    by held-out error.
 
-    Every combination of the grids is fitted (``sparse_ridge`` only matters,
-    and is only tried, when ``sparsity > 0``) on each fold's training samples
-    and scored by the mean squared error of the held-out ones, pooled over
-    the folds. The smallest error wins; ties go to the earlier candidate in
-    grid order (so list the simpler values first).
+    Every combination of the grids is fitted (``sparse_ridge`` and the
+    significance only matter, and are only tried, when ``sparsity > 0``) on
+    each fold's training samples and scored by the mean squared error of the
+    held-out ones, pooled over the folds. The smallest error wins; ties go to
+    the earlier candidate in grid order (so list the simpler values first).
 
     Args:
       data: any :class:`lrs.UserData`; every user needs ``max(ranks) +
@@ -255,11 +269,14 @@ def select(
         train in every fold and are not scored.
       config: base :class:`lrs.AMHTConfig` for every other setting (e.g.
         ``sparse_features``, ``num_iters``); its rank, sparsity, ridge and
-        sparse_ridge are replaced. Default ``AMHTConfig(1, 0)``.
+        sparse_ridge and sparse_significance are replaced. Default ``AMHTConfig(1, 0)``.
       ranks: the grid of ranks.
       sparsities: the grid of sparsities.
       ridges: the grid of ridges (on ``v_i`` and the sparse values).
       sparse_ridges: the grid of extra shrinkage on the sparse values.
+      significances: the grid of the per-user sparsity rule's level
+        (:attr:`lrs.AMHTConfig.sparse_significance`; 0 keeps ``k`` values
+        for every user).
       folds: 1 for a single held-out share (``holdout``), ``K >= 2`` for K
         folds of each user's samples.
       holdout: share of each user's samples held out when ``folds == 1``.
@@ -290,10 +307,11 @@ def select(
     sparsities = _grid("sparsities", sparsities, _ints("sparsities", 0))
     ridges = _grid("ridges", ridges, _reals("ridges"))
     sparse_ridges = _grid("sparse_ridges", sparse_ridges, _reals("sparse_ridges"))
+    significances = _grid("significances", significances, _reals("significances"))
     _check_scheme(folds, holdout, seed, batch_size)
     if not isinstance(refit, bool):
         raise ValueError(f"refit must be a bool; got {refit!r}")
-    largest = _replace(config, max(ranks), max(sparsities), 0.0, 0.0, "ranks")
+    largest = _replace(config, max(ranks), max(sparsities), (0.0, 0.0, 0.0))
     data = check_data(data, largest)
     config.check_features(data.dim)
     key = check_key(key, default=jax.random.key(0))
@@ -314,8 +332,9 @@ def select(
         )
     rows = []
     for r, k in itertools.product(ranks, sparsities):
-        pairs = [(a, b) for a in ridges for b in (sparse_ridges if k else (0.0,))]
-        base = _replace(config, r, k, 0.0, 0.0, "ranks")
+        sparse_grid = list(itertools.product(sparse_ridges, significances))
+        pairs = [(a, *b) for a in ridges for b in (sparse_grid if k else [(0.0, 0.0)])]
+        base = _replace(config, r, k, (0.0, 0.0, 0.0))
         penalties = jnp.asarray(pairs, data.X.dtype)
         sq, n, done, code = jax.device_get(
             _score_candidates(
@@ -323,20 +342,20 @@ def select(
                 key, base, batch_size,
             )
         )  # fmt: skip
-        for p, (a, b) in enumerate(pairs):
+        for p, values in enumerate(pairs):
             fold_mse = tuple(float(x) for x in sq[:, p] / np.maximum(n[:, p], 1))
             pooled = float(sq[:, p].sum() / max(n[:, p].sum(), 1))
             reasons = tuple(amht.STOP_REASONS[int(c)] for c in code[:, p])
             rows.append(
-                Candidate(r, k, float(a), float(b), pooled, fold_mse,
-                          tuple(int(i) for i in done[:, p]), reasons)
+                Candidate(r, k, float(values[0]), float(values[1]), pooled,
+                          fold_mse, tuple(int(i) for i in done[:, p]), reasons,
+                          float(values[2]))
             )  # fmt: skip
     best = min(rows, key=lambda row: row.validation_mse)  # first of equals
     if not math.isfinite(best.validation_mse):
         raise ValueError("every candidate's validation error is non-finite")
-    chosen = _replace(
-        config, best.rank, best.sparsity, best.ridge, best.sparse_ridge, "ranks"
-    )
+    values = tuple(getattr(best, name) for name in PENALTIES)
+    chosen = _replace(config, best.rank, best.sparsity, values)
     params = diagnostics = None
     if refit:
         params, diagnostics = amht.fit(data, chosen, key=key)
@@ -360,11 +379,10 @@ def _check_validation(validation, data: UserData) -> UserData:
     return checked
 
 
-def _replace(config, rank, sparsity, ridge, sparse_ridge, name) -> AMHTConfig:
+def _replace(config, rank, sparsity, values) -> AMHTConfig:
     try:
-        return dataclasses.replace(
-            config, rank=rank, sparsity=sparsity, ridge=ridge, sparse_ridge=sparse_ridge
-        )
+        penalties = dict(zip(PENALTIES, values))
+        return dataclasses.replace(config, rank=rank, sparsity=sparsity, **penalties)
     except ValueError as error:
         raise ValueError(f"the grid does not fit config: {error}") from None
 
@@ -374,7 +392,8 @@ def _replace(config, rank, sparsity, ridge, sparse_ridge, name) -> AMHTConfig:
 
 def plot(selection: Selection, path: str | os.PathLike, title: str | None = None):
     """Saves a PNG of the validation curve: validation MSE against the rank,
-    one line per (sparsity, ridge, sparse_ridge), the chosen point circled.
+    one line per (sparsity, ridge, sparse_ridge, significance), the chosen
+    point circled.
 
     Drawn in the studies' one style (:mod:`lrs.studies.plotting`: an Agg
     canvas, no pyplot state; matplotlib is imported here only). Returns the
@@ -387,17 +406,18 @@ def plot(selection: Selection, path: str | os.PathLike, title: str | None = None
     plotting.grid(ax)
     lines: dict[tuple, list] = {}
     for row in selection.table:
-        label = (row.sparsity, row.ridge, row.sparse_ridge)
+        label = (row.sparsity, row.ridge, row.sparse_ridge, row.sparse_significance)
         lines.setdefault(label, []).append((row.rank, row.validation_mse))
-    for (k, a, b), points in sorted(lines.items()):
+    for (k, a, b, s), points in sorted(lines.items()):
         xs, ys = zip(*sorted(points))
-        name = f"k={k}, ridge={a:g}" + (f", sparse_ridge={b:g}" if k else "")
+        name = f"k={k}, ridge={a:g}"
+        name += f", sparse_ridge={b:g}, significance={s:g}" if k else ""
         ax.plot(xs, ys, marker="o", lw=1, ms=3, label=name)
     c = selection.chosen
     best = [
         row.validation_mse
         for row in selection.table
-        if (row.rank, row.sparsity, row.ridge, row.sparse_ridge) == tuple(c.values())
+        if all(getattr(row, name) == value for name, value in c.items())
     ]
     ax.plot([c["rank"]], best, "o", ms=12, mfc="none", mec="k", label="chosen")
     ax.set_xticks(sorted({row.rank for row in selection.table}))

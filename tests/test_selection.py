@@ -37,7 +37,9 @@ def chosen(planted):
 
 def test_select_finds_the_planted_rank_and_refits(chosen, planted):
     data, truth = planted
-    assert chosen.chosen == dict(rank=2, sparsity=1, ridge=0.0, sparse_ridge=0.0)
+    assert chosen.chosen == dict(
+        rank=2, sparsity=1, ridge=0.0, sparse_ridge=0.0, sparse_significance=0.0
+    )
     assert len(chosen.table) == 2 * 1 * 2 * 2
     best = min(row.validation_mse for row in chosen.table)
     assert chosen.table[[r.validation_mse for r in chosen.table].index(best)].rank == 2

@@ -2,6 +2,7 @@
 the teachers, the storage accounting, and one micro end-to-end run."""
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,8 @@ from lrs.nn import nnx_train
 from lrs.nn.bias_layers import UserBiasLinear
 from lrs.nn.nnx_model import MLP
 from lrs.nn.nnx_personalize import adapter_layers, set_child
+from lrs.nn.nnx_personalize import personalize as nnx_personalize
+from lrs.nn.user_state import UserTable
 from lrs.studies import fair
 
 TINY = fair.Setup(
@@ -168,6 +171,69 @@ def test_class_bias_trains_with_the_library_step():
     assert c[2].any() and not c[0].any() and not c[1].any()  # only user 2 moved
 
 
+# --- PLoRA as published ----------------------------------------------------------
+
+
+def test_plora_mi_loss_is_the_kl_plus_the_layer_mse():
+    from lrs.studies.fair.plora import TEMPERATURE
+
+    mutual_information_loss = fair.mutual_information_loss
+    z = jax.random.normal(jax.random.key(0), (5, 3))
+    z0 = jax.random.normal(jax.random.key(1), (5, 3))
+    assert float(mutual_information_loss(z, z, [(z, z)])) == pytest.approx(0, abs=1e-7)
+    p = np.asarray(jax.nn.softmax(z / TEMPERATURE))
+    q = np.asarray(jax.nn.softmax(z0 / TEMPERATURE))
+    kl = np.mean(np.sum(p * np.log(p / q), axis=1))
+    a, b = jnp.ones((5, 2)), jnp.zeros((5, 2))
+    got = mutual_information_loss(z, z0, [(a, b), (a, a)])
+    assert float(got) == pytest.approx(kl + (1.0 + 0.0) / 2, rel=1e-5)
+
+
+class _Head(nnx.Module):
+    """The smallest model ``objective`` takes: features, then a PLoRA head."""
+
+    def __init__(self, method):
+        self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+        wrap = dict(num_users=3, rngs=nnx.Rngs(1), method="user_lora")
+        nnx_personalize(self, "head", **wrap, **dict(method.options))
+        k1, k2 = jax.random.split(jax.random.key(2))  # B, E off zero: users act
+        self.head.B[...] = jax.random.normal(k1, self.head.B.shape)
+        self.head.E[...] = jax.random.normal(k2, self.head.E.shape)
+
+    def features(self, x):
+        return x
+
+    def __call__(self, x):
+        return self.head(self.features(x))
+
+
+def test_plora_objective_turns_its_terms_off_in_the_cold_start():
+    method = next(m for m in fair.methods("all") if m.name == "plora")
+    assert method.stochastic and method.mi > 0 and method.zero_shot
+    model = _Head(method)
+    assert model.head.user_dropout == fair.PLORA_USER_DROPOUT
+    x = jax.random.normal(jax.random.key(3), (16, 4), jnp.float32)
+    labels, ids = jnp.arange(16) % 3, jnp.arange(16) % 3
+    key = jax.random.key(1)
+    graphdef, rows, rest = nnx.split(model, UserTable, ...)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def user_loss(rows, phase, mi, data):  # phase traced, as in the program
+        m = nnx.merge(graphdef, rows, rest)
+        return fair.objective(m, *data, key, shared_phase=phase, mi_weight=mi)
+
+    data = (x, labels, ids)
+
+    def loss(phase, mi):
+        return user_loss(rows, jnp.float32(phase), mi, data)
+
+    full, ce = loss(1.0, 1.0), loss(1.0, 0.0)
+    assert np.isfinite(full) and float(full) > float(ce)  # the MI term adds > 0
+    # cold start: no PDropout, no MI term (the authors' few-shot phase)
+    np.testing.assert_array_equal(loss(0.0, 1.0), loss(0.0, 0.0))
+    assert float(loss(1.0, 0.0)) != float(loss(0.0, 0.0))  # PDropout acts
+
+
 # --- teachers ------------------------------------------------------------------
 
 
@@ -207,7 +273,7 @@ def _expected(method, d, d_ff, c):
         return 2 * (r + 2 * k) * f, sum(r * a * b for a, b in layers) * f
     if method.name == "lora":
         return sum(o["rank"] * (a + b) for a, b in layers) * f, 0
-    if method.name == "user_lora":
+    if method.name in ("user_lora", "plora"):
         r, e = o["rank"], o["embed_dim"]
         return 2 * e * f, sum(a * r + e * r + r * b for a, b in layers) * f
     if method.name == "prompt":
@@ -339,6 +405,28 @@ def test_micro_run_end_to_end(tmp_path):
     table = (out / fair.TABLE_NAME).read_text()
     assert table.strip() == fair.markdown(fair.rejudge(record)).strip()
     assert (out / fair.PLOT_NAME).stat().st_size > 10_000
+
+
+@pytest.mark.slow  # ~60 s on 2 loaded cores: compiles 3 programs
+def test_micro_run_plora_as_published(tmp_path):
+    """PLoRA as published runs under the same budget as its plain layer and
+    reports full-, few- and zero-shot accuracies."""
+    out = tmp_path / "fair"
+    argv = ["--quick", "--out", str(out), "--teachers", "lrs", "--users", "4",
+            "--steps", "10", "--methods", "user_lora:e8,plora:e8"]  # fmt: skip
+    assert fair.main(argv) == 0
+    rows = json.loads((out / fair.RESULTS_NAME).read_text())["teachers"][0]["rows"]
+    assert [r["label"] for r in rows] == ["global", "user_lora:e8", "plora:e8"]
+    plain, published = rows[1], rows[2]
+    assert published["budget"] == plain["budget"]
+    assert published["bytes_per_user"] == plain["bytes_per_user"]
+    assert published["options"]["mi"] == fair.PLORA_MI
+    assert published["options"]["user_dropout"] == fair.PLORA_USER_DROPOUT
+    assert "mi" not in plain["options"]
+    for r in (plain, published):
+        assert len(r["new"]["zero_shot"]["acc"]) == 2
+        for split in ("trained", "new"):
+            assert set(r[split]["lr"]) <= set(fair.GRID)
 
 
 @pytest.mark.slow  # ~4 min on 2 loaded cores: DP steps, the program, the audit

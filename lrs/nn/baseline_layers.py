@@ -16,7 +16,11 @@
   the same for every input of that user: the kernel ``W + scale * A B`` is
   shared, the bias is per user (:meth:`PLoRALinear.user_bias`). PLoRA keeps
   one user embedding for the whole model; wrapping layers one by one, each
-  :class:`PLoRALinear` keeps its own ``(num_users, e)`` table.
+  :class:`PLoRALinear` keeps its own ``(num_users, e)`` table. In training
+  (a dropout key, see :func:`plora_mode`) it applies PLoRA's dropouts: the
+  ``lora_dropout`` on ``x`` and ``e_u`` and the personalized dropout
+  (PDropout) that removes a row's whole user term; ``zero_shot`` runs it
+  without any user (the shared LoRA only).
 
 Soft prompts and user tokens prepend positions to the model's input
 sequence, which wrapping a Linear cannot express: they wrap the model's token
@@ -25,9 +29,14 @@ sequence, which wrapping a Linear cannot express: they wrap the model's token
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lrs.nn.user_state import (
     LinearAdapter,
@@ -37,9 +46,9 @@ from lrs.nn.user_state import (
     gather_rows,
     resolve_ids,
 )
-from lrs.validation import check_integer
+from lrs.validation import check_integer, check_real
 
-__all__ = ["PLoRALinear", "UserHeadLinear", "UserLoRALinear"]
+__all__ = ["PLoRALinear", "UserHeadLinear", "UserLoRALinear", "plora_mode"]
 
 
 class UserLoRALinear(LinearAdapter):
@@ -133,6 +142,49 @@ def _uniform(key, shape, fan_in, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+    rngs: nnx.Rngs | None = None
+    user_dropout_scale: object = 1.0
+    zero_shot: bool = False
+    record: list | None = None
+
+
+_MODE: contextvars.ContextVar = contextvars.ContextVar(
+    "lrs_plora_mode", default=_Mode()
+)
+
+
+@contextlib.contextmanager
+def plora_mode(*, rngs=None, user_dropout_scale=1.0, zero_shot=False, record=None):
+    """Within the block, every :class:`PLoRALinear` call runs in this mode.
+
+    For a model that does not pass arguments down to its layers (as
+    :func:`lrs.nn.users` does for the user ids); a call's own ``rngs`` /
+    ``zero_shot`` arguments take precedence.
+
+    Args:
+      rngs: ``nnx.Rngs`` (or a PRNG key) whose ``dropout`` stream draws the
+        masks: the layers are in training mode (dropouts on) unless their
+        ``deterministic`` attribute is set (``model.eval()``). None: no dropout.
+      user_dropout_scale: multiplies every layer's ``user_dropout`` rate (a
+        number or a traced scalar; 0 turns PDropout off, as PLoRA's few-shot
+        phase does).
+      zero_shot: run without the user (no ``e_u`` term, no user ids needed).
+      record: a list; each call appends ``(with_user, without_user)``, the
+        layer's adapter output ``scale (x A + e_u P) B`` and the same without
+        the user, ``scale x' A B`` (``x'`` under a fresh dropout mask, as in
+        PLoRA's code), for PLoRA's layer-wise mutual-information term.
+    """
+    if rngs is not None and not isinstance(rngs, nnx.Rngs):
+        rngs = nnx.Rngs(dropout=rngs)
+    token = _MODE.set(_Mode(rngs, user_dropout_scale, bool(zero_shot), record))
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
 class PLoRALinear(LinearAdapter):
     """``x @ W + bias + scale * (x A + e_u P) B``: user-conditioned LoRA (PLoRA).
 
@@ -144,23 +196,67 @@ class PLoRALinear(LinearAdapter):
     ``E`` a :class:`~lrs.nn.user_state.UserTable`. The product never forms a
     ``(batch, in, out)`` array: ``x A`` is one matmul for the batch.
 
+    In training (a dropout key from the call's ``rngs`` or :func:`plora_mode`,
+    and ``deterministic`` False) the forward is, per row ``b`` of user ``u``,
+
+    ``x W + bias + s (drop(x) A + m_b drop(e_u) P) B``, with ``m_b ~
+    Bernoulli(1 - user_dropout)``,
+
+    as in the authors' code: ``drop`` is inverted dropout at rate ``dropout``
+    (their ``lora_dropout``, applied to both the input and the embedding) and
+    ``m_b`` the personalized dropout (PDropout, their ``p_mask``: the row's
+    user term removed whole, not rescaled), so the shared ``A B`` learns to
+    serve users without an embedding. Without a key, or with
+    ``deterministic`` True, the forward is deterministic (``m_b = 1``, no
+    dropout). ``zero_shot=True`` drops the user for every row: ``x W + bias
+    + s x A B``, PLoRA's zero-shot model; it needs no user ids.
+
     Args:
       base: the wrapped ``nnx.Linear``.
       rank: r >= 1, the LoRA rank.
       embed_dim: e >= 1, floats per user.
       num_users: rows of ``E``.
-      rngs: draws ``A`` and ``P``.
+      rngs: draws ``A`` and ``P`` (not the dropout masks).
       scale: PLoRA's ``lora_alpha / r`` (default 1).
+      dropout: the input and embedding dropout rate in ``[0, 1)`` (default
+        0.1, the authors' ``lora_dropout``).
+      user_dropout: the PDropout rate in ``[0, 1]`` (default 0, the authors'
+        ``p_rate`` default; 1 always drops the user).
+
+    References:
+      Zhang, Wang, Yu, Xu, Zhang, "Personalized LoRA for Human-Centered Text
+      Understanding", AAAI 2024 (arXiv 2403.06208); github.com/yoyo-yun/PLoRA,
+      ``models/ppeft/plora.py`` (``Linear.forward``), ``trainer/trainer.py``
+      (``get_personality_mask``), ``models/ppeft/peft_model.py`` (``p_mask``).
     """
 
     method = "user_lora"
     tables = ("E",)
 
-    def __init__(self, base, *, rank, embed_dim, num_users, rngs, scale=1.0):
+    def __init__(
+        self,
+        base,
+        *,
+        rank,
+        embed_dim,
+        num_users,
+        rngs,
+        scale=1.0,
+        dropout=0.1,
+        user_dropout=0.0,
+    ):
         d_in, d_out = base_shape(base)
         check_integer("rank", rank, 1)
         check_integer("embed_dim", embed_dim, 1)
         check_integer("num_users", num_users, 1)
+        rate = "a number in [0, 1)"
+        self.dropout = check_real(
+            "dropout", dropout, rate, low=0, high=1, open_high=True
+        )
+        self.user_dropout = check_real(
+            "user_dropout", user_dropout, "a number in [0, 1]", low=0, high=1
+        )
+        self.deterministic = False
         dtype = base.kernel.dtype
         self.base = base
         self.in_features, self.out_features = d_in, d_out
@@ -190,8 +286,38 @@ class PLoRALinear(LinearAdapter):
         shift = self.scale * (self.E[self.check_user(user_id)] @ self.P[...])
         return super().user_bias(user_id) + shift @ self.B[...]
 
-    def __call__(self, x, user_ids=None):
-        ids = resolve_ids(user_ids, x, self.num_users)
-        user = gather_rows(self.E[...], ids) @ self.P[...]  # (batch, r)
-        h = x @ self.A[...] + user.reshape(user.shape[:1] + (1,) * (x.ndim - 2) + (-1,))
-        return self.base(x) + self.scale * (h @ self.B[...])
+    def _drop(self, v, key):
+        """Inverted dropout at ``self.dropout`` (identity when ``key`` is None)."""
+        if key is None or self.dropout == 0.0:
+            return v
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout, v.shape)
+        return jnp.where(keep, v / (1.0 - self.dropout), jnp.zeros_like(v))
+
+    def __call__(self, x, user_ids=None, *, rngs=None, zero_shot=False):
+        """The layer's output; ``rngs`` (training) and ``zero_shot`` as above."""
+        mode = _MODE.get()
+        zero_shot = zero_shot or mode.zero_shot
+        if rngs is None:
+            rngs = mode.rngs
+        elif not isinstance(rngs, nnx.Rngs):
+            rngs = nnx.Rngs(dropout=rngs)
+        if self.deterministic:
+            rngs = None
+        k_x = None if rngs is None else rngs.dropout()
+        h = self._drop(x, k_x) @ self.A[...]
+        if not zero_shot:
+            ids = resolve_ids(user_ids, x, self.num_users)
+            e = gather_rows(self.E[...], ids)
+            e = self._drop(e, None if rngs is None else rngs.dropout())
+            if rngs is not None and self.user_dropout > 0.0:
+                rate = self.user_dropout * mode.user_dropout_scale
+                keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, ids.shape)
+                e = e * keep[:, None].astype(e.dtype)
+            user = e @ self.P[...]  # (batch, r)
+            h = h + user.reshape(user.shape[:1] + (1,) * (x.ndim - 2) + (-1,))
+        delta = self.scale * (h @ self.B[...])
+        if mode.record is not None and not zero_shot:
+            k_alone = None if k_x is None else jax.random.fold_in(k_x, 1)
+            alone = self.scale * ((self._drop(x, k_alone) @ self.A[...]) @ self.B[...])
+            mode.record.append((delta, alone))
+        return self.base(x) + delta

@@ -73,7 +73,7 @@ def embed_paths(model) -> list[str]:
     return _paths(model, nnx.Embed)
 
 
-def _check_options(method, rank, sparsity, embed_dim, length) -> None:
+def _check_options(method, rank, sparsity, embed_dim, length, plora) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if method != "lrs" and sparsity:
@@ -90,9 +90,14 @@ def _check_options(method, rank, sparsity, embed_dim, length) -> None:
         )
     if method != "prompt" and length is not None:
         raise ValueError(f"length applies to method='prompt' only; got {length!r}")
+    for name, value in plora.items():
+        if method != "user_lora" and value is not None:
+            raise ValueError(
+                f"{name} applies to method='user_lora' only; got {value!r}"
+            )
 
 
-def _wrap(method, base, *, rank, sparsity, embed_dim, length, num_users, rngs):
+def _wrap(method, base, *, rank, sparsity, embed_dim, length, plora, num_users, rngs):
     kw = dict(num_users=num_users, rngs=rngs)
     embed_dim = 8 if embed_dim is None else embed_dim
     if method == "lrs":
@@ -102,7 +107,8 @@ def _wrap(method, base, *, rank, sparsity, embed_dim, length, num_users, rngs):
     if method == "head":
         return UserHeadLinear(base, **kw)
     if method == "user_lora":
-        return PLoRALinear(base, rank=rank, embed_dim=embed_dim, **kw)
+        given = {k: v for k, v in plora.items() if v is not None}
+        return PLoRALinear(base, rank=rank, embed_dim=embed_dim, **given, **kw)
     if method == "prompt":
         return UserPromptEmbed(base, length=1 if length is None else length, **kw)
     return UserTokenEmbed(base, embed_dim=embed_dim, **kw)
@@ -119,6 +125,8 @@ def personalize(
     sparsity=0,
     embed_dim=None,
     length=None,
+    dropout=None,
+    user_dropout=None,
 ) -> list[str]:
     """Wraps every module of ``method`` 's kind whose path matches ``targets``.
 
@@ -166,6 +174,10 @@ def personalize(
       embed_dim: e >= 1, the user embedding of ``"user_lora"`` and
         ``"user_token"`` (default 8).
       length: p >= 1, the positions of a ``"prompt"`` (default 1).
+      dropout: ``"user_lora"`` only: PLoRA's input and embedding dropout
+        rate (default 0.1, :class:`~lrs.nn.baseline_layers.PLoRALinear`).
+      user_dropout: ``"user_lora"`` only: PLoRA's personalized dropout
+        (PDropout) rate (default 0).
 
     Returns:
       The sorted list of replaced paths.
@@ -174,7 +186,8 @@ def personalize(
       ValueError: an unknown ``method``, an option the method does not take,
         bad sizes, or no module of the method's kind matches ``targets``.
     """
-    _check_options(method, rank, sparsity, embed_dim, length)
+    plora = dict(dropout=dropout, user_dropout=user_dropout)
+    _check_options(method, rank, sparsity, embed_dim, length, plora)
     kind = nnx.Linear if method in LINEAR_METHODS else nnx.Embed
     pattern = re.compile(targets)
     inside = {p for p, m in nnx.iter_graph(model) if isinstance(m, UserAdapter)}
@@ -191,7 +204,9 @@ def personalize(
             f"targets {targets!r} matches no nnx.{kind.__name__} path of the "
             f"model; {kind.__name__} paths: {_paths(model, kind)}"
         )
-    opts = dict(rank=rank, sparsity=sparsity, embed_dim=embed_dim, length=length)
+    opts = dict(
+        rank=rank, sparsity=sparsity, embed_dim=embed_dim, length=length, plora=plora
+    )
     for path, base in sorted(found, key=lambda pm: _path_str(pm[0])):
         new = _wrap(method, base, num_users=num_users, rngs=rngs, **opts)
         set_child(model, path, new)

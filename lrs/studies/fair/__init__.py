@@ -1,9 +1,11 @@
 """A fair personalization study on the Flax NNX adapters (issue 18).
 
 Every method of :func:`lrs.nn.personalize` (LRS, per-user LoRA, PLoRA's
-user-conditioned LoRA, soft prompt, user token, per-user head), a per-user
-class bias (:class:`lrs.nn.bias_layers.UserBiasLinear`) and dense per-user
-deltas on the personalized layers are trained by one protocol:
+user-conditioned LoRA, soft prompt, user token, per-user head), PLoRA as
+published (its layer with personalized dropout and the mutual-information
+term, :mod:`~lrs.studies.fair.plora`), a per-user class bias
+(:class:`lrs.nn.bias_layers.UserBiasLinear`) and dense per-user deltas on the
+personalized layers are trained by one protocol:
 
 * **Capacity sweeps**: each method over its natural size (:func:`methods`),
   and every method in two variants: ``frozen`` (the pretrained base is
@@ -52,6 +54,7 @@ Modules: :mod:`~lrs.studies.fair.setup` (constants, :class:`Setup`),
 :func:`personalize`, :func:`storage`), :mod:`~lrs.studies.fair.model`
 (:class:`Classifier`), :mod:`~lrs.studies.fair.tasks` (the teachers),
 :mod:`~lrs.studies.fair.programs` (the jitted programs),
+:mod:`~lrs.studies.fair.plora` (PLoRA's published training objective),
 :mod:`~lrs.studies.fair.training` (pretraining, :func:`run_method`),
 :mod:`~lrs.studies.fair.stats` (intervals, outcomes, judging),
 :mod:`~lrs.studies.fair.dp` (the DP part and its audit),
@@ -74,6 +77,9 @@ from lrs.studies.fair.dp import (
 )
 from lrs.studies.fair.method_table import (
     CUT,
+    PLORA_DROPOUT,
+    PLORA_MI,
+    PLORA_USER_DROPOUT,
     STUDENT_DEFAULT,
     SWEEPS,
     TEACHER_RANK,
@@ -85,6 +91,7 @@ from lrs.studies.fair.method_table import (
     storage,
 )
 from lrs.studies.fair.model import Classifier
+from lrs.studies.fair.plora import mutual_information_loss, objective
 from lrs.studies.fair.programs import hard_threshold, make_pretrain, make_program, split
 from lrs.studies.fair.report import (
     DP_PLOT_NAME,
@@ -151,6 +158,11 @@ __all__ = [
     "Method",
     "SWEEPS",
     "CUT",
+    "PLORA_DROPOUT",
+    "PLORA_USER_DROPOUT",
+    "PLORA_MI",
+    "mutual_information_loss",
+    "objective",
     "methods",
     "DEFAULT",
     "QUICK",

@@ -32,7 +32,10 @@ class Method:
     """One method at one size.
 
     Attributes:
-      name: ``lrs``, ``lora``, ``user_lora`` (PLoRA), ``prompt``,
+      name: ``lrs``, ``lora``, ``user_lora`` (PLoRA's layer, trained as every
+        other method), ``plora`` (PLoRA as published: the same layer with its
+        dropouts, PDropout and the MI term, :mod:`lrs.studies.fair.plora`),
+        ``prompt``,
         ``user_token``, ``head`` (per-user head), ``class_bias``, ``full``
         (dense per-user deltas on the personalized layers) or ``global``
         (the pretrained base, nothing per user).
@@ -42,6 +45,7 @@ class Method:
       middle: the size kept when a sweep is cut to one size per method.
       zero_shot: whether a new user's initial rows give the no-user model
         (a zero-shot row is reported then).
+      mi: the weight of PLoRA's mutual-information term (``plora`` only).
     """
 
     name: str
@@ -49,12 +53,23 @@ class Method:
     options: tuple = ()
     middle: bool = False
     zero_shot: bool = True
+    mi: float = 0.0
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether training draws dropout masks (a key per seed and step)."""
+        return self.name == "plora"
 
     @property
     def label(self) -> str:
         """``name:size``."""
         return f"{self.name}:{self.size}" if self.size else self.name
 
+
+#: PLoRA as published (the ``plora`` rows): the LoRA dropout of the authors'
+#: configurations, a PDropout rate and the MI weight (fixed, not tuned: the
+#: authors' code leaves both off by default and sets them per run).
+PLORA_DROPOUT, PLORA_USER_DROPOUT, PLORA_MI = 0.1, 0.5, 1.0
 
 SWEEPS = ("all", "default", "small")
 #: The sizes the default sweep leaves out (each lies between two kept sizes of
@@ -82,6 +97,16 @@ def methods(sweep: str = "all") -> list[Method]:
         Method("user_lora", f"e{e}", (("rank", 4), ("embed_dim", e)), middle=e == 8)
         for e in (4, 8, 16, 32)
     ]
+    plora = (("dropout", PLORA_DROPOUT), ("user_dropout", PLORA_USER_DROPOUT))
+    out += [
+        Method(
+            "plora",
+            "e8",
+            (("rank", 4), ("embed_dim", 8)) + plora,
+            middle=True,
+            mi=PLORA_MI,
+        )
+    ]
     out += [
         Method("prompt", f"p{p}", (("length", p),), middle=p == 2, zero_shot=False)
         for p in (1, 2, 4, 8)
@@ -98,7 +123,14 @@ def methods(sweep: str = "all") -> list[Method]:
     if sweep == "default":
         out = [m for m in out if m.label not in CUT]
     if sweep == "small":
-        keep = {"lrs:r2k4", "lora:r1", "user_token:e8", "class_bias"}
+        keep = {
+            "lrs:r2k4",
+            "lora:r1",
+            "user_lora:e8",
+            "plora:e8",
+            "user_token:e8",
+            "class_bias",
+        }
         out = [m for m in out if m.label in keep]
     return out
 
@@ -106,7 +138,7 @@ def methods(sweep: str = "all") -> list[Method]:
 def personalize(model, method: Method, num_users: int, key) -> list[str]:
     """Wraps ``model``'s layers for ``method`` (in place); returns the paths.
 
-    ``lrs``, ``lora``, ``user_lora`` and ``full`` personalize
+    ``lrs``, ``lora``, ``user_lora``, ``plora`` and ``full`` personalize
     :func:`linear_targets` (the last block's MLP output map and the head),
     ``head`` and ``class_bias`` the head, ``prompt`` and ``user_token`` the
     token embedding; ``global`` nothing.
@@ -133,9 +165,8 @@ def personalize(model, method: Method, num_users: int, key) -> list[str]:
         targets = "embed"
     else:
         targets = linear_targets(len(model.blocks))
-    return wrap(
-        model, targets, num_users=num_users, rngs=rngs, method=method.name, **opts
-    )
+    name = "user_lora" if method.name == "plora" else method.name
+    return wrap(model, targets, num_users=num_users, rngs=rngs, method=name, **opts)
 
 
 def storage(model) -> dict:

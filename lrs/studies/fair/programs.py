@@ -11,6 +11,7 @@ from flax import nnx
 from lrs.nn.lrs_linear import LRSLinear
 from lrs.nn.nnx_personalize import adapter_layers
 from lrs.nn.user_state import SharedParam, SparseProbe, UserSupport, UserTable, users
+from lrs.studies.fair.plora import objective
 from lrs.studies.fair.setup import BASE_LR, PRETRAIN_LR, Setup
 
 _FLOAT_TABLE = nnx.All(UserTable, nnx.Not(UserSupport))
@@ -55,7 +56,7 @@ def hard_threshold(dense, k: int):
     return (flat * keep).reshape(dense.shape)
 
 
-def make_program(graphdef, sparsity: dict, setup: Setup):
+def make_program(graphdef, sparsity: dict, setup: Setup, *, mi_weight: float = 0.0):
     """The jitted training run of one method, vmapped over seeds and learning rates.
 
     ``program(params, lrs, flags, data)``: ``params`` stacked over seeds (leading
@@ -72,6 +73,12 @@ def make_program(graphdef, sparsity: dict, setup: Setup):
       ``(in, out)`` stand-in (normalized per user, so one rate serves every
       scale, as Adam's does for the other parameters).
 
+    With a ``"key"`` entry in ``params`` (PLoRA as published: raw key data
+    per seed), every step's loss is :func:`lrs.studies.fair.plora.objective`
+    under a fresh key (the same for every rate of the grid): the layers'
+    dropouts, PDropout and ``mi_weight`` times the MI term, the last two
+    scaled by ``flags[1]`` (on in the shared phase, off in the cold start).
+
     Returns ``(acc_a (S, L, checks, n), acc_b (same), loss (S, L, checks),
     best)``: each user's accuracy on the first ``v`` and on the last ``v``
     held-out draws, and the parameters at the check with the best mean
@@ -79,13 +86,16 @@ def make_program(graphdef, sparsity: dict, setup: Setup):
     """
     n_steps, every = setup.steps, setup.eval_every
 
-    def logits(p, tokens, ids):
+    def merged(p):
         model = nnx.merge(graphdef, p["base"], p["shared"], p["rows"], p["frozen"])
         layers = adapter_layers(model)
         for path, probe in p["probes"].items():
             layers[path].probe = SparseProbe(probe)
+        return model
+
+    def logits(p, tokens, ids):
         with users(ids):
-            return model(tokens)
+            return merged(p)(tokens)
 
     def one(params, lr, flags, data):
         tok, lab, e_tok, e_lab = data
@@ -94,8 +104,14 @@ def make_program(graphdef, sparsity: dict, setup: Setup):
         x, y = tok.reshape(n * m, t), lab.reshape(-1)
         opt_base, opt_adapt = optax.adam(BASE_LR), optax.adam(lr)
 
-        def loss_fn(train, fixed):
-            out = logits({**fixed, **train}, x, ids)
+        def loss_fn(train, fixed, key=None):
+            p = {**fixed, **train}
+            if key is not None:
+                model, phase = merged(p), flags[1]
+                return objective(
+                    model, x, y, ids, key, shared_phase=phase, mi_weight=mi_weight
+                )
+            out = logits(p, x, ids)
             return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
         def accuracy(p):  # per user: first half of the held-out draws, second half
@@ -105,10 +121,13 @@ def make_program(graphdef, sparsity: dict, setup: Setup):
             hit = (out.argmax(-1) == e_lab.reshape(-1)).reshape(n, 2, v2 // 2)
             return hit.mean(2).T
 
-        def step(carry, _):
+        def step(carry, i):
             p, s_base, s_adapt = carry
             train = {k: p[k] for k in ("base", "shared", "rows", "probes")}
-            loss, g = jax.value_and_grad(loss_fn)(train, {"frozen": p["frozen"]})
+            key = None
+            if "key" in p:
+                key = jax.random.fold_in(jax.random.wrap_key_data(p["key"]), i)
+            loss, g = jax.value_and_grad(loss_fn)(train, {"frozen": p["frozen"]}, key)
             u_base, s_base = opt_base.update(g["base"], s_base, p["base"])
             (u_shared, u_rows), s_adapt = opt_adapt.update(
                 (g["shared"], g["rows"]), s_adapt, (p["shared"], p["rows"])
@@ -129,10 +148,10 @@ def make_program(graphdef, sparsity: dict, setup: Setup):
             new["probes"] = probes
             return (new, s_base, s_adapt), loss
 
-        def check(carry, _):
+        def check(carry, c):
             p, s_base, s_adapt, best, best_acc = carry
             (p, s_base, s_adapt), losses = jax.lax.scan(
-                step, (p, s_base, s_adapt), None, length=every
+                step, (p, s_base, s_adapt), c * every + jnp.arange(every)
             )
             acc_a, acc_b = accuracy(p)
             better = acc_a.mean() > best_acc
@@ -153,7 +172,7 @@ def make_program(graphdef, sparsity: dict, setup: Setup):
             acc0_a.mean(),
         )
         carry, (acc_a, acc_b, losses) = jax.lax.scan(
-            check, carry, None, length=n_steps // every
+            check, carry, jnp.arange(n_steps // every)
         )
         acc_a = jnp.concatenate([acc0_a[None], acc_a])
         acc_b = jnp.concatenate([acc0_b[None], acc_b])

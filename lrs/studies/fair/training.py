@@ -101,6 +101,8 @@ def initial_params(setup: Setup, method: Method, bases, seed_keys):
         nnx.update(model, base)
         personalize(model, method, setup.users, key_for(key, method.label))
         graphdef, p = split(model)
+        if method.stochastic:
+            p["key"] = jax.random.key_data(key_for(key, "dropout " + method.label))
         params.append(p)
         info = info or dict(
             storage(model),
@@ -121,7 +123,10 @@ def _cold_params(graphdef, chosen, setup: Setup, method: Method, seed_keys):
         for layer in adapter_layers(model).values():
             for name, rows in layer.new_rows(setup.users, rngs).items():
                 getattr(layer, name)[...] = rows
-        out.append(split(model)[1])
+        p = split(model)[1]
+        if method.stochastic:
+            p["key"] = jax.random.key_data(key_for(key, "cold dropout " + method.label))
+        out.append(p)
     return stack_trees(out)
 
 
@@ -132,7 +137,8 @@ def run_method(setup, method, variant, bases, seed_keys, splits, compiled) -> di
     grid = jnp.asarray(setup.grid, jnp.float32)
     compile_seconds = 0.0
     if method.label not in compiled:
-        lowered = make_program(graphdef, info["sparsity"], setup).lower(
+        program = make_program(graphdef, info["sparsity"], setup, mi_weight=method.mi)
+        lowered = program.lower(
             params, grid, jnp.ones(2, jnp.float32), splits["trained"]
         )
         compiled[method.label] = lowered.compile()
@@ -157,7 +163,7 @@ def run_method(setup, method, variant, bases, seed_keys, splits, compiled) -> di
         method=method.name,
         size=method.size,
         label=method.label,
-        options=dict(method.options),
+        options=dict(method.options, **({"mi": method.mi} if method.mi else {})),
         variant=variant,
         **{k: v for k, v in info.items() if k != "sparsity"},
         trained=dict(

@@ -38,6 +38,14 @@ samples each: :func:`lrs.nn.cold_start_exact` against 300 full-batch steps of
 the gradient cold start (``StepConfig(train="users")``), train and held-out
 mean squared error.
 
+Training cost (``train_cost``): LRS's step re-selecting its supports every
+step, every ``--reselect-every`` steps (``StepConfig.reselect_every``) or
+never, against per-user LoRA, 1,000 users, batch 32: seconds per step
+amortized over blocks of ``--reselect-every`` consecutive steps, medians of
+``--cost-rounds`` interleaved rounds. ``--train-cost-only`` runs only this::
+
+    python experiments/bench_nnx.py --train-cost-only --out lrs-out/nnx-cost
+
 Writes ``bench_nnx.json`` and ``bench_nnx.png`` under ``--out`` and prints
 one summary line.
 """
@@ -100,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batches", type=int, nargs="*", help="override the batch sizes")
     p.add_argument("--users", type=int, nargs="*", help="override the user counts")
+    p.add_argument(
+        "--reselect-every",
+        type=int,
+        default=8,
+        help="train cost: LRS re-selects its supports every N steps",
+    )
+    p.add_argument(
+        "--cost-rounds",
+        type=int,
+        default=9,
+        help="train cost: interleaved rounds (median)",
+    )
+    p.add_argument(
+        "--train-cost-only",
+        action="store_true",
+        help="run only the train-cost comparison",
+    )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p  # fmt: skip
@@ -210,9 +235,9 @@ def forward_sweep(args, config, batches, reps, num_users=1000) -> dict:
     return out
 
 
-def _train_step(args, config, method, n, batch):
+def _train_step(args, config, method, n, batch, **step_options):
     """A compiled training step of ``method`` for ``n`` users and its inputs."""
-    step_config = nnx_train.StepConfig(train="adapters")
+    step_config = nnx_train.StepConfig(train="adapters", **step_options)
     model = _model(args, config, method, n, TRAIN_TARGETS)
     graphdef, state, opt = nnx_train.init(model, step_config)
     step = nnx_train.make_step(graphdef, step_config, opt)
@@ -257,6 +282,45 @@ def train_sweep(args, config, user_counts, batch=32, steps=11) -> list:
     for i, t in times.items():
         rows[i]["seconds"] = float(np.median(t))
     return rows
+
+
+def train_cost(args, config, n=1000, batch=32) -> dict:
+    """LRS's training step, re-selecting every step, every ``N`` steps
+    (``--reselect-every``) or never, against per-user LoRA: seconds per step,
+    amortized over blocks of ``N`` consecutive steps of each configuration
+    (each block holds exactly one re-selecting step), median over
+    ``--cost-rounds`` interleaved rounds after one uncounted warm-up round."""
+    every = args.reselect_every
+    configs = {
+        "lrs_every_1": ("lrs", dict(reselect_every=1)),
+        f"lrs_every_{every}": ("lrs", dict(reselect_every=every)),
+        "lrs_fixed_support": ("lrs", dict(reselect=False)),
+        "lora": ("lora", {}),
+    }
+    runs, rows = {}, {}
+    for name, (method, options) in configs.items():
+        runs[name], rows[name] = _train_step(args, config, method, n, batch, **options)
+    times = {name: [] for name in runs}
+    for round_ in range(args.cost_rounds + 1):
+        for name, run in runs.items():
+            step, _, tokens, ids = run
+            start = time.perf_counter()
+            for _ in range(every):
+                run[1], loss = step(run[1], tokens, tokens, ids)
+            jax.block_until_ready(loss)
+            if round_:
+                times[name].append((time.perf_counter() - start) / every)
+    for name, t in times.items():
+        rows[name].update(seconds_per_step=float(np.median(t)), rounds=t)
+    lora, paired = rows["lora"]["seconds_per_step"], np.asarray(times["lora"])
+    return dict(
+        num_users=n, batch=batch, reselect_every=every, steps_per_block=every,
+        configs=rows,
+        over_lora={m: r["seconds_per_step"] / lora for m, r in rows.items()},
+        # the median of each round's ratio: robust to load that shifts rounds
+        over_lora_paired={m: float(np.median(np.asarray(t) / paired))
+                          for m, t in times.items()},
+    )  # fmt: skip
 
 
 def _planted_mlp(seed, m, t=4, d_in=32, hidden=16, rank=2, k=2):
@@ -324,6 +388,12 @@ def cold_start_sweep(args, samples, steps=300, lr=0.3) -> list:
 
 def run(args) -> dict:
     config = nnx_model.GPTConfig()
+    if args.train_cost_only:
+        start = time.perf_counter()
+        cost = train_cost(args, config)
+        seconds = time.perf_counter() - start
+        return dict(args=vars(args), train_cost=cost, platform=_platform(),
+                    seconds=seconds)  # fmt: skip
     batches = args.batches or ((1, 8, 64) if args.quick else (1, 4, 16, 64, 256, 1024))
     users = args.users or (
         (1_000, 100_000) if args.quick else (1_000, 100_000, 1_000_000)
@@ -332,17 +402,23 @@ def run(args) -> dict:
     forward = forward_sweep(args, config, batches, reps=5 if args.quick else 11)
     train = train_sweep(args, config, users)
     cold = cold_start_sweep(args, (8, 12, 16))
+    cost = train_cost(args, config)
     return dict(
         args=vars(args),
         model=vars(config) | dict(targets=TARGETS, train_targets=TRAIN_TARGETS),
         forward=forward,
         train=train,
         cold_start=cold,
-        summary=summarize(forward, train),
-        platform=dict(backend=jax.default_backend(), machine=platform.machine(),
-                      jax=jax.__version__, deadlock_flag_set=DEADLOCK_FLAG_SET),
+        train_cost=cost,
+        summary=summarize(forward, train) | {"train_cost_over_lora": cost["over_lora"]},
+        platform=_platform(),
         seconds=time.perf_counter() - start,
     )  # fmt: skip
+
+
+def _platform() -> dict:
+    return dict(backend=jax.default_backend(), machine=platform.machine(),
+                jax=jax.__version__, deadlock_flag_set=DEADLOCK_FLAG_SET)  # fmt: skip
 
 
 def summarize(forward, train) -> dict:
@@ -400,7 +476,17 @@ def plot(result, path) -> None:
     plotting.save(fig, path)
 
 
+def _cost_line(cost) -> str:
+    ms = ", ".join(f"{m} {r['seconds_per_step'] * 1e3:.1f}"
+                   for m, r in cost["configs"].items())  # fmt: skip
+    over = ", ".join(f"{m} {v:.2f}" for m, v in cost["over_lora"].items())
+    size = f"{cost['num_users']} users, batch {cost['batch']}"
+    return f"train step ms ({size}): {ms}; over LoRA: {over}"
+
+
 def _line(result, path) -> str:
+    if "summary" not in result:
+        return f"bench_nnx: {_cost_line(result['train_cost'])}; wrote {path}"
     s = result["summary"]
     ratios = ", ".join(f"{m} {v:.2f}" for m, v in s["lrs_over"].items())
     flat = ", ".join(f"{m} {v:.2f}" for m, v in s["train_slowest_over_fastest"].items())
@@ -412,7 +498,7 @@ def _line(result, path) -> str:
     return (
         f"bench_nnx: batch {s['batch']}: LRS time over {ratios}; train step "
         f"slowest / fastest over users: {flat}; cold start held-out mse {cold}; "
-        f"wrote {path}"
+        f"{_cost_line(result['train_cost'])}; wrote {path}"
     )
 
 
@@ -423,9 +509,9 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, "bench_nnx.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    if not args.no_plot:
+    if not args.no_plot and not args.train_cost_only:
         plot(result, os.path.join(args.out, "bench_nnx.png"))
-    print(json.dumps(result["summary"]))
+    print(json.dumps(result.get("summary", result["train_cost"]["over_lora"])))
     print(_line(result, path))
     return 0
 

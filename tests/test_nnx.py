@@ -375,6 +375,21 @@ def test_bad_user_ids_name_the_argument():
     assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
 
 
+def test_user_ids_closed_over_by_a_jitted_function():
+    """Concrete ids made outside ``jit`` and closed over inside it are checked
+    on the host (no ConcretizationTypeError), and out-of-range ones refused."""
+    layer = _lrs(jnp.float32)
+    x, ids = jnp.ones((3, 7)), jnp.array([0, 5, 2])
+    graphdef, state = nnx.split(layer)
+    y = jax.jit(lambda s: nnx.merge(graphdef, s)(x, ids))(state)
+    np.testing.assert_allclose(y, _forward(layer, x, ids, context=False), rtol=1e-6)
+    with_context = jax.jit(lambda s: layers.apply(nnx.merge(graphdef, s), x, ids))
+    np.testing.assert_array_equal(with_context(state), y)
+    bad = jnp.array([0, 6, 1])
+    with pytest.raises(ValueError, match=r"user_ids must lie in \[0, 6\)"):
+        jax.jit(lambda s: nnx.merge(graphdef, s)(x, bad))(state)
+
+
 # --- training ---------------------------------------------------------------
 
 
@@ -657,10 +672,13 @@ def test_bench_nnx_smoke(tmp_path):
         import bench_nnx
     finally:
         sys.path.pop(0)
-    argv = ["--batches", "1", "2", "--users", "10", "20", "--out", str(tmp_path)]
+    argv = ["--batches", "1", "2", "--users", "10", "20", "--out", str(tmp_path),
+            "--reselect-every", "2", "--cost-rounds", "1"]  # fmt: skip
     assert bench_nnx.main(argv) == 0
     result = json.loads((tmp_path / "bench_nnx.json").read_text())
     assert set(result["forward"]) == set(bench_nnx.FORWARD)
+    assert set(result["train_cost"]["over_lora"]) == {
+        "lrs_every_1", "lrs_every_2", "lrs_fixed_support", "lora"}  # fmt: skip
     assert (tmp_path / "bench_nnx.png").stat().st_size > 0
     assert all(r["exact_test_mse"] <= r["gradient_test_mse"]
                for r in result["cold_start"])  # fmt: skip

@@ -23,7 +23,12 @@ A step on a batch ``(inputs, targets, user_ids)``:
    hard-thresholds it back to its ``k`` largest entries in magnitude: the new
    support and values (iterative hard thresholding, as AMHT's sparse step).
    With ``reselect=False`` the support stays fixed and only the ``k`` values
-   are trained.
+   are trained. ``StepConfig.reselect_every = N`` re-selects only on the
+   steps whose counter (``TrainState.count``, from 0) is a multiple of ``N``
+   and trains the values on the fixed support in between: a ``lax.cond``
+   chooses between the two programs, so the other steps never build the
+   dense stand-in. The counter is global, not per user: a user's support
+   moves only on a re-selecting step that has the user in its batch.
 5. The rows are scattered back (``mode="drop"`` skips the padding); the
    step donates its state, so the tables are updated in place and a step's
    cost does not grow with the number of users.
@@ -32,6 +37,7 @@ A step on a batch ``(inputs, targets, user_ids)``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,6 +50,7 @@ from lrs.nn.lrs_linear import LRSLinear, sparse_dense
 from lrs.nn.nnx_model import next_token_loss
 from lrs.nn.nnx_personalize import adapter_layers
 from lrs.nn.user_state import SharedParam, SparseProbe, UserSupport, UserTable, users
+from lrs.validation import check_integer
 
 __all__ = ["StepConfig", "TrainState", "evaluate", "init", "make_step", "update_model"]
 
@@ -60,16 +67,21 @@ class StepConfig:
       shared_lr: Adam step size of the default shared optimizer.
       user_lr: SGD step size of the per-user rows.
       reselect: re-select each sparse support by hard thresholding.
+      reselect_every: with ``reselect``, re-select only on every
+        ``reselect_every``-th step (counted from 0; ``1``: every step) and
+        train only the values in between (see the module doc).
     """
 
     train: str = "adapters"
     shared_lr: float = 1e-3
     user_lr: float = 0.1
     reselect: bool = True
+    reselect_every: int = 1
 
     def __post_init__(self):
         if self.train not in TRAIN_MODES:
             raise ValueError(f"train must be one of {TRAIN_MODES}; got {self.train!r}")
+        check_integer("reselect_every", self.reselect_every, 1)
         for name in ("shared_lr", "user_lr"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
@@ -82,6 +94,7 @@ class TrainState(NamedTuple):
     shared: nnx.State  # trained shared parameters
     frozen: nnx.State  # everything else
     opt_state: Any  # optax state of ``shared``
+    count: jax.Array  # shape=(), dtype=int32: steps taken
 
 
 def _shared_filter(config: StepConfig):
@@ -100,7 +113,9 @@ def init(model, config: StepConfig, optimizer=None):
     )
     return (
         graphdef,
-        TrainState(tables, shared, frozen, optimizer.init(shared)),
+        TrainState(
+            tables, shared, frozen, optimizer.init(shared), jnp.zeros((), jnp.int32)
+        ),
         optimizer,
     )
 
@@ -144,42 +159,54 @@ def make_step(graphdef, config: StepConfig, optimizer, loss_fn: Callable = None)
         with users(local_ids):
             return loss_fn(model(inputs), targets)
 
-    def step(state: TrainState, inputs, targets, user_ids):
-        n, b = _num_users(state.tables), user_ids.shape[0]
-        uniq, local_ids = jnp.unique(
-            user_ids, size=b, fill_value=n, return_inverse=True
-        )
-        local = jax.tree.map(lambda t: jnp.take(t, uniq, 0, mode="clip"), state.tables)
+    def rows_step(reselect, shared, local, frozen, inputs, targets, local_ids):
+        """Loss, shared gradient and the updated local rows (step 2 to 4)."""
         itabs, ftabs = local.split(UserSupport, _FLOAT_TABLE)
         probes = {}
-        if config.reselect:
-            model = nnx.merge(graphdef, local, state.shared, state.frozen)
+        if reselect:
+            model = nnx.merge(graphdef, local, shared, frozen)
             for path, m in _sparse_layers(model).items():
                 probes[path] = sparse_dense(
                     m.indices[...], m.values[...], m.in_features, m.out_features
                 )
         loss, (g_shared, g_rows, g_probes) = jax.value_and_grad(
             objective, argnums=(0, 1, 2)
-        )(
-            state.shared, ftabs, probes, itabs, state.frozen, inputs, targets,
-            local_ids.reshape(-1),
-        )  # fmt: skip
-        shared, opt_state = state.shared, state.opt_state
-        if config.train != "users":
-            updates, opt_state = optimizer.update(g_shared, opt_state, shared)
-            shared = optax.apply_updates(shared, updates)
+        )(shared, ftabs, probes, itabs, frozen, inputs, targets, local_ids)
         ftabs = jax.tree.map(lambda t, g: t - config.user_lr * g, ftabs, g_rows)
-        model = nnx.merge(graphdef, itabs, ftabs, shared, state.frozen)
+        model = nnx.merge(graphdef, itabs, ftabs, shared, frozen)
         for path, m in _sparse_layers(model).items():
             if path in probes:
                 dense = probes[path] - config.user_lr * g_probes[path]
                 idx, val = _hard_threshold(dense, m.sparsity)
                 m.indices[...], m.values[...] = idx, val
-        local = nnx.state(model, UserTable)
+        return loss, g_shared, nnx.state(model, UserTable)
+
+    def step(state: TrainState, inputs, targets, user_ids):
+        n, b = _num_users(state.tables), user_ids.shape[0]
+        uniq, local_ids = jnp.unique(
+            user_ids, size=b, fill_value=n, return_inverse=True
+        )
+        local = jax.tree.map(lambda t: jnp.take(t, uniq, 0, mode="clip"), state.tables)
+        args = (state.shared, local, state.frozen, inputs, targets,
+                local_ids.reshape(-1))  # fmt: skip
+        if config.reselect and config.reselect_every > 1:
+            loss, g_shared, local = jax.lax.cond(
+                state.count % config.reselect_every == 0,
+                functools.partial(rows_step, True),
+                functools.partial(rows_step, False),
+                *args,
+            )
+        else:
+            loss, g_shared, local = rows_step(config.reselect, *args)
+        shared, opt_state = state.shared, state.opt_state
+        if config.train != "users":
+            updates, opt_state = optimizer.update(g_shared, opt_state, shared)
+            shared = optax.apply_updates(shared, updates)
         tables = jax.tree.map(
             lambda t, rows: t.at[uniq].set(rows, mode="drop"), state.tables, local
         )
-        return TrainState(tables, shared, state.frozen, opt_state), loss
+        new = TrainState(tables, shared, state.frozen, opt_state, state.count + 1)
+        return new, loss
 
     return jax.jit(step, donate_argnums=0)
 

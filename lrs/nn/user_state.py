@@ -88,7 +88,9 @@ def resolve_ids(user_ids, x, num_users: int) -> jax.Array:
     """The batch's user ids, checked on static facts (and values when concrete).
 
     ``user_ids`` (or, when None, the innermost :func:`users` context) must be
-    a 1-D integer array with one id per row of ``x`` (``x.shape[0]``).
+    a 1-D integer array with one id per row of ``x`` (``x.shape[0]``). Their
+    range is checked when they are concrete, also when a jitted function
+    closes over them; traced ids are not checked.
     """
     if user_ids is None:
         user_ids = _USERS.get()
@@ -109,7 +111,10 @@ def resolve_ids(user_ids, x, num_users: int) -> jax.Array:
             f"user_ids has shape {ids.shape}"
         )
     if not isinstance(ids, jax.core.Tracer) and ids.size:
-        low, high = int(ids.min()), int(ids.max())
+        # read on the host: under a trace (ids created outside a jitted
+        # function and closed over), ``ids.min()`` would itself be a tracer
+        host = np.asarray(ids)
+        low, high = int(host.min()), int(host.max())
         if low < 0 or high >= num_users:
             raise ValueError(
                 f"user_ids must lie in [0, {num_users}); got values in [{low}, {high}]"

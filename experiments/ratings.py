@@ -19,7 +19,9 @@ random``) are the test set; item features are an offset, the genres, and the
 item bias and factors of a global matrix factorization fitted on the training
 ratings (``lrs.datasets.load_ratings``).
 
-Rows: the global mean; ``amht`` and the baselines at the fixed ``--rank``,
+Rows: the global mean; ``biased_mf``, the loader's matrix factorization as a
+model (user bias and ALS user factors on the item bias and factors, see
+:func:`biased_mf`); ``amht`` and the baselines at the fixed ``--rank``,
 ``--sparsity``; ``amht_selected`` and ``low_rank_only_selected``, whose rank,
 sparsity and penalties are chosen by ``lrs.selection.select`` on the training
 ratings only (each user's training ratings split again by the test split's
@@ -28,28 +30,34 @@ part restricted to the genre features and shrunk), then refitted on all
 training ratings; the chosen values and the validation table are in the
 JSON. Large files stay unpadded (``--ragged``, automatic when the padded
 training arrays would exceed ``--padded-mb``): ``load_ratings(ragged=True)``
-and ``lrs.fit_streamed`` with users bucketed by count fit the AMHT rows, the
-selection runs on padded inner tasks capped by ``--selection-max-train``,
-and the baseline rows (padded data only) are skipped and listed in the JSON.
+and ``lrs.fit_streamed`` with users bucketed by count fit the AMHT rows,
+the baselines take the ragged tasks too (``lrs.baselines``), the selection
+runs on padded inner tasks capped by ``--selection-max-train`` with the
+smaller ``LARGE_GRIDS`` (when no grid is given), ``global_model`` runs
+``LARGE_GLOBAL_ROUNDS`` fine-tune rounds instead of 30, and only ``convex``
+(padded data only) is skipped and listed in the JSON.
 **Predictions are clipped to the rating scale [1, 5]** before the RMSE
 (a rating outside it is always wrong), for every row alike. RMSE is also
 reported by user activity: 20-39, 40-99 and 100+ training ratings.
 Prints the file's sha256 (many copies of MovieLens are edited) and the table;
-writes ``ratings.json``, ``ratings.png`` and ``selection_*.png`` under ``--out``.
+writes ``ratings.json`` (with each row's ``seconds``), ``ratings.png`` and
+``selection_*.png`` under ``--out``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
+import time
 
 import _common as c
 import jax
 import numpy as np
 
 import lrs
-from lrs import datasets, selection
+from lrs import baselines, datasets, selection
 
 BUCKETS = ((20, 39), (40, 99), (100, None))
 STANDINS = {  # write_standin strengths of the planted taste
@@ -65,9 +73,23 @@ GRIDS = dict(
 QUICK_GRIDS = dict(
     ranks=(2, 5), sparsities=(0, 1, 3), ridges=(1.0, 5.0), sparse_ridges=(20.0,)
 )
+# Ragged (large) tasks: 8 candidates instead of 99, each a fit of every user
+# (measured on the ML-1M-size stand-in: about 45 s a candidate with the
+# full grid's 500-rating cap; docs/results.md).
+LARGE_GRIDS = dict(
+    ranks=(3, 5), sparsities=(0, 2), ridges=(5.0, 20.0), sparse_ridges=(20.0,)
+)
 # Latest training ratings per user in the selection's padded inner tasks when
 # the tasks are ragged and neither --selection-max-train nor --max-train is set.
-SELECTION_CAP = 500
+SELECTION_CAP = 200
+# Baseline rows that need padded data (skipped on ragged tasks).
+PADDED_ONLY = ("convex",)
+# Rounds of global_model's fine-tune alternation on ragged (large) tasks
+# (BaselineConfig.num_iters, else 30; on the ML-1M-size stand-in it ran all
+# 30 without meeting its 1e-6 stop, about 160 of a 620 s run).
+LARGE_GLOBAL_ROUNDS = 10
+# Regularization of the biased_mf row: that of the loader's ALS (ALS-WR).
+MF_REG = 0.05
 QUICK_SIZE = dict(users=300, items=400, ratings=24_000)
 FULL_SIZE = dict(users=943, items=1682, ratings=100_000)
 
@@ -101,6 +123,46 @@ def rmse_table(pred: np.ndarray, tasks, scale=(1.0, 5.0)) -> dict:
     return out
 
 
+def biased_mf(train, names, reg: float = MF_REG) -> lrs.LRSParams | None:
+    """The loader's matrix factorization as a row: user bias plus user factors.
+
+    ``theta_i`` puts weight 1 on ``item_bias``, the user's bias ``b_i`` on
+    ``offset`` and its factors ``p_i`` on the ``factor:*`` columns, with
+    ``(b_i, p_i)`` the ridge fit (penalty ``reg * m_i``, as the loader's
+    ALS-WR) to ``y_ij - item_bias_j``: the ALS user step of a biased matrix
+    factorization with the item side fixed. Per-user sums by
+    ``np.add.reduceat`` on ragged or padded tasks. None without the columns.
+    """
+    if "offset" not in names or "item_bias" not in names:
+        return None
+    if isinstance(train, lrs.UserData):
+        train = lrs.RaggedData.from_padded(train)
+    cols = [names.index("offset")] + [
+        j for j, n in enumerate(names) if n.startswith("factor:")
+    ]
+    f, t, offsets = len(cols), train.num_users, train.offsets
+    G, h = np.zeros((t, f, f)), np.zeros((t, f))
+    group = offsets[:-1] // 2**16  # users whose samples start in one block
+    for g in np.unique(group):
+        users = np.flatnonzero((group == g) & (train.counts > 0))
+        if not users.size:
+            continue
+        rows = slice(offsets[users[0]], offsets[users[-1] + 1])
+        X = np.asarray(train.X[rows], np.float64)
+        A, target = X[:, cols], train.y[rows] - X[:, names.index("item_bias")]
+        starts = offsets[users] - offsets[users[0]]
+        G[users] = np.add.reduceat(A[:, :, None] * A[:, None, :], starts)
+        h[users] = np.add.reduceat(A * target[:, None], starts)
+    G += (reg * np.maximum(train.counts, 1))[:, None, None] * np.eye(f)
+    W = np.zeros((t, len(names)))
+    W[:, cols] = np.linalg.solve(G, h[..., None])[..., 0]
+    W[:, names.index("item_bias")] = 1.0
+    d, dtype = len(names), train.X.dtype
+    indices = np.broadcast_to(np.arange(d, dtype=np.int32), (t, d))
+    B = lrs.SparseRows(indices, W.astype(dtype), d)
+    return lrs.LRSParams(np.zeros((d, 0), dtype), np.zeros((t, 0), dtype), B)
+
+
 def is_ragged(tasks, args) -> bool:
     """Whether to keep the tasks unpadded: ``--ragged yes``, or ``auto`` and
     the padded training arrays (``t x m_max x d``) over ``--padded-mb``."""
@@ -115,14 +177,44 @@ def fit_amht(train, config, args):
     """``lrs.fit`` on padded tasks, ``lrs.fit_streamed`` (users bucketed by
     count, chunks of ``--chunk-users``) on ragged ones: the same fit."""
     key = jax.random.key(args.seed)
-    if isinstance(train, lrs.RaggedData):
-        return lrs.fit_streamed(train, config, chunk_users=args.chunk_users, key=key)
+    if isinstance(train, lrs.RaggedData):  # resident: iterations ~6x faster
+        return lrs.fit_streamed(
+            train, config, chunk_users=args.chunk_users, key=key, resident=True
+        )
     return lrs.fit(train, config, key=key)
 
 
 def genre_features(names) -> tuple[int, ...] | None:
     found = tuple(j for j, n in enumerate(names) if n.startswith("genre:"))
     return found or None
+
+
+def resolve_grids(args, ragged: bool) -> None:
+    """Fills the grids not given: ``QUICK_GRIDS`` with ``--quick``,
+    ``LARGE_GRIDS`` on ragged tasks, else ``GRIDS``."""
+    grids = QUICK_GRIDS if args.quick else LARGE_GRIDS if ragged else GRIDS
+    for name, values in grids.items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(values))
+
+
+def low_rank_part(result: selection.Selection) -> selection.Selection | None:
+    """The ``sparsity = 0`` rows of ``result``'s table as their own selection
+    (what ``selected(..., sparse=False)`` returns, without fitting them
+    again); None when the grid had no ``sparsity = 0``."""
+    rows = tuple(row for row in result.table if row.sparsity == 0)
+    if not rows:
+        return None
+    best = min(rows, key=lambda row: row.validation_mse)  # first of equals
+    config = dataclasses.replace(
+        result.config,
+        rank=best.rank,
+        sparsity=0,
+        ridge=best.ridge,
+        sparse_ridge=0.0,
+        sparse_significance=0.0,
+    )
+    return dataclasses.replace(result, table=rows, config=config)
 
 
 def selected(inner, args, sparse: bool):
@@ -164,7 +256,11 @@ def run(args) -> dict:
     start = c.setup(args)
     path = _path(args)
     r, k = args.rank, args.sparsity
-    need = max(r + k, max(args.ranks) + max(args.sparsities))
+    ranks, sparsities = (
+        args.ranks or GRIDS["ranks"],
+        args.sparsities or GRIDS["sparsities"],
+    )
+    need = max(r + k, max(ranks) + max(sparsities))
     # every user needs `need` training ratings after the split and the holdout
     min_ratings = max(2, math.ceil((need + 2) / (1 - args.test_fraction) / 0.8) + 1)
     load = dict(
@@ -179,6 +275,7 @@ def run(args) -> dict:
     ragged = is_ragged(tasks, args)
     if not ragged:  # the same samples, padded
         tasks = tasks._replace(train=tasks.train.padded(), test=tasks.test.padded())
+    resolve_grids(args, ragged)
     # The selection's inner tasks are padded: lrs.selection takes UserData.
     cap = args.selection_max_train or args.max_train
     cap = cap or (SELECTION_CAP if ragged else None)
@@ -188,21 +285,40 @@ def run(args) -> dict:
     print(f"counts: {tasks.counts}; d = {tasks.train.dim} features")
     zero = np.zeros(tasks.counts["test"])
     rmse = {"global_mean": rmse_table(zero, tasks)}
-    skipped = {}
+    seconds, skipped = {}, {}
+    start_mf = time.perf_counter()
+    mf = biased_mf(tasks.train, tasks.feature_names)
+    if mf is not None:
+        rmse["biased_mf"] = rmse_table(predictions(mf, tasks.test), tasks)
+        seconds["biased_mf"] = round(time.perf_counter() - start_mf, 2)
     for name, fit in c.progress(list(c.fitters(r, k).items()), "methods"):
-        if ragged and name != "amht":  # the baselines take padded UserData
-            skipped[name] = "ragged tasks (--ragged): baselines need padded data"
+        if ragged and name in PADDED_ONLY:
+            skipped[name] = "ragged tasks (--ragged): needs padded data"
             continue
         if name == "amht":
             config = lrs.AMHTConfig(rank=r, sparsity=k)
             fit = lambda data, key: fit_amht(data, config, args)[0]  # noqa: E731
+        if name == "global_model" and ragged:
+            fewer = baselines.BaselineConfig(r, k, num_iters=LARGE_GLOBAL_ROUNDS)
+            fit = lambda data, key: baselines.global_model(data, fewer)[0]  # noqa: E731
+        begin = time.perf_counter()
         params = c.safe(fit, tasks.train, jax.random.key(args.seed))
+        seconds[name] = round(time.perf_counter() - begin, 2)
         if params is not None:
             rmse[name] = rmse_table(predictions(params, tasks.test), tasks)
     chosen = {}
-    for name, sparse in (("low_rank_only_selected", False), ("amht_selected", True)):
-        result = selected(inner, args, sparse)
+    begin = time.perf_counter()
+    results = {"amht_selected": selected(inner, args, True)}
+    seconds["selection"] = round(time.perf_counter() - begin, 2)
+    # the low-rank-only candidates are the sparsity-0 rows of the same table
+    results["low_rank_only_selected"] = low_rank_part(results["amht_selected"])
+    if results["low_rank_only_selected"] is None:
+        results["low_rank_only_selected"] = selected(inner, args, False)
+    for name in ("low_rank_only_selected", "amht_selected"):
+        result = results[name]
+        begin = time.perf_counter()
         params, diagnostics = fit_amht(tasks.train, result.config, args)
+        seconds[name] = round(time.perf_counter() - begin, 2)
         rmse[name] = rmse_table(predictions(params, tasks.test), tasks)
         chosen[name] = result.to_dict()
         chosen[name]["stop_reason"] = diagnostics.stop_reason
@@ -225,6 +341,8 @@ def run(args) -> dict:
         selection=chosen,
         ragged=ragged,
         skipped=skipped,
+        global_model_rounds=LARGE_GLOBAL_ROUNDS if ragged else 30,
+        seconds=seconds,
     )
     record["environment"] = c.environment(args, start)
     c.save_json(args.out, "ratings.json", record)
@@ -272,10 +390,11 @@ def main(argv=None):
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--embedding-dim", type=int, default=8)
     p.add_argument("--num-iters", type=int, default=30)
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 3, 5])
-    p.add_argument("--sparsities", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--ridges", type=float, nargs="+", default=[1.0, 5.0, 20.0])
-    p.add_argument("--sparse-ridges", type=float, nargs="+", default=[5.0, 20.0, 50.0])
+    grids = "(default: GRIDS; QUICK_GRIDS with --quick, LARGE_GRIDS when ragged)"
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help=grids)
+    p.add_argument("--sparsities", type=int, nargs="+", default=None, help=grids)
+    p.add_argument("--ridges", type=float, nargs="+", default=None, help=grids)
+    p.add_argument("--sparse-ridges", type=float, nargs="+", default=None, help=grids)
     p.add_argument(
         "--max-train",
         type=int,
@@ -288,8 +407,8 @@ def main(argv=None):
         default="auto",
         help="keep the training ratings unpadded and fit AMHT rows with "
         "lrs.fit_streamed, users bucketed by count (auto: when the padded "
-        "arrays would exceed --padded-mb); the baseline rows need padded data "
-        "and are skipped then",
+        "arrays would exceed --padded-mb); the convex row needs padded data "
+        "and is skipped then",
     )
     p.add_argument("--padded-mb", type=float, default=512.0)
     p.add_argument("--chunk-users", type=int, default=512)
@@ -300,12 +419,7 @@ def main(argv=None):
         help="latest training ratings per user in the selection's (padded) "
         f"inner tasks (default: --max-train, or {SELECTION_CAP} when ragged)",
     )
-    args = p.parse_args(argv)
-    grids = QUICK_GRIDS if args.quick else GRIDS
-    for name, values in grids.items():
-        if getattr(args, name) is None:
-            setattr(args, name, list(values))
-    return run(args)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

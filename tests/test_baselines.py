@@ -166,3 +166,132 @@ def test_too_few_samples_or_bad_U_raise():
         )
     with pytest.raises(ValueError, match="U"):
         baselines.oracle(data, lrs.AMHTConfig(2, 2), U=truth.U[:, 0])
+
+
+# ------------------------------------------------------------------ ragged data
+
+RAGGED_FITS = ("global_model", "local_ridge", "low_rank_only", "sparse_only")
+
+
+def _ragged(dtype="float64", noise=0.05, seed=0):
+    """Users with 20..60 samples (blocks 32 and 64 wide; few compiles),
+    planted rank 2 + 2-sparse."""
+    rng = np.random.default_rng(seed)
+    t, d = 30, 12
+    counts = rng.integers(20, 61, size=t).astype(np.int64)
+    counts[:3] = (20, 60, 33)
+    U = np.linalg.qr(rng.normal(size=(d, 2)))[0]
+    W = rng.normal(size=(t, 2)) @ U.T
+    W[np.arange(t)[:, None], rng.integers(0, d, size=(t, 2))] += 1.0
+    X = rng.normal(size=(counts.sum(), d))
+    users = np.repeat(np.arange(t), counts)
+    y = np.einsum("nd,nd->n", X, W[users]) + noise * rng.normal(size=len(users))
+    return lrs.RaggedData(X.astype(dtype), y.astype(dtype), counts)
+
+
+SLOW = pytest.mark.slow  # two ~8 s compiles of the sparse fits (ragged, padded)
+RAGGED_CASES = [
+    pytest.param(name, dtype, fine, marks=SLOW if dtype == "float32" or heavy else ())
+    for dtype in ("float64", "float32")
+    for name, fine, heavy in (
+        ("global_model", False, False),
+        ("global_model", True, True),
+        ("local_ridge", True, False),
+        ("low_rank_only", True, False),
+        ("sparse_only", True, True),
+    )
+]
+
+
+@pytest.mark.parametrize("name, dtype, fine_tune", RAGGED_CASES)
+def test_ragged_data_gives_the_padded_fit(name, dtype, fine_tune, monkeypatch):
+    """The same fit on RaggedData as on its padded form: float64 to 1e-8.
+    Tiny sum steps, so users straddle them."""
+    monkeypatch.setattr(baselines, "_SUM_ROWS", 37)
+    ragged = _ragged(dtype)
+    cfg = baselines.BaselineConfig(rank=2, sparsity=2, num_iters=8, fine_tune=fine_tune)
+    fit = baselines.BASELINES[name]
+    params, diag = fit(ragged, cfg, key=jax.random.key(0))
+    ref, ref_diag = fit(ragged.padded(64), cfg, key=jax.random.key(0))
+    tol = 1e-8 if dtype == "float64" else 2e-3
+    theta, ref_theta = np.asarray(lrs.weights(params)), np.asarray(lrs.weights(ref))
+    assert theta.dtype == ref_theta.dtype == np.dtype(dtype)
+    scale = np.abs(ref_theta).max()
+    np.testing.assert_allclose(theta, ref_theta, rtol=0, atol=tol * scale)
+    assert params.B.indices.shape == ref.B.indices.shape
+    np.testing.assert_allclose(diag.loss, ref_diag.loss, rtol=10 * tol)
+    for key, value in (ref_diag.details or {}).items():
+        if dtype == "float64":
+            np.testing.assert_allclose(diag.details[key], value, rtol=1e-6)
+        elif key != "alpha":  # float32: near-equal LOO errors may pick another
+            np.testing.assert_allclose(diag.details[key], value, rtol=0.1)
+    jax.tree.map(np.testing.assert_array_equal, _ragged(dtype), ragged)  # untouched
+
+
+def _sparse_users(ragged, hard=()):
+    """``ragged`` with noiseless 2-sparse users (dense ones at ``hard``)."""
+    rng = np.random.default_rng(1)
+    t, d = ragged.num_users, ragged.dim
+    B = np.zeros((t, d))
+    B[np.arange(t)[:, None], rng.choice(d, size=(t, 2))] = 1 + rng.random((t, 2))
+    B[list(hard)] = rng.normal(size=(len(hard), d))
+    users = np.repeat(np.arange(t), ragged.counts)
+    return ragged._replace(y=np.einsum("nd,nd->n", ragged.X, B[users])), B
+
+
+def test_ragged_sparse_only_recovers_sparse_users():
+    ragged, B = _sparse_users(_ragged(noise=0.0))
+    params, diag = baselines.sparse_only(ragged, baselines.BaselineConfig(sparsity=2))
+    np.testing.assert_allclose(lrs.weights(params), B, atol=1e-8)
+    assert diag.details["sq_residual"].max() < 1e-16 and diag.loss[-1] < 1e-16
+
+
+@pytest.mark.slow
+def test_ragged_sparse_only_rescues_the_worst_users(monkeypatch):
+    """Exactly 2-sparse users but three dense ones: the rescue runs, over all
+    users (not block by block), and gives the padded fits; blocks of a few
+    users (width classes split into several blocks) change nothing."""
+    rescued = []
+    rescue = baselines._rescue_block
+
+    def counted(block, *args, **kwargs):
+        rescued.append(block.X.shape[0])
+        return rescue(block, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "_rescue_block", counted)
+    monkeypatch.setattr(baselines, "_BLOCK_BYTES", 8000)
+    ragged, _ = _sparse_users(_ragged(noise=0.0), hard=(3, 11, 20))
+    cfg = baselines.BaselineConfig(sparsity=2)
+    params, diag = baselines.sparse_only(ragged, cfg)
+    ref, ref_diag = baselines.sparse_only(ragged.padded(), cfg)
+    assert len(rescued) >= 2  # cold and l1 (per width class of the worst users)
+    np.testing.assert_allclose(lrs.weights(params), lrs.weights(ref), atol=1e-8)
+    np.testing.assert_allclose(
+        diag.details["sq_residual"], ref_diag.details["sq_residual"], atol=1e-8
+    )
+
+
+@pytest.mark.parametrize("name", ["convex", "oracle"])
+def test_ragged_data_for_padded_only_baselines_says_pass_padded(name):
+    fit = baselines.BASELINES.get(name) or functools.partial(
+        baselines.oracle, U=np.eye(12)[:, :2]
+    )
+    with pytest.raises(ValueError, match=r"padded\(m\)"):
+        fit(_ragged(), baselines.BaselineConfig(rank=2))
+
+
+@pytest.mark.parametrize("name", RAGGED_FITS)
+def test_bad_ragged_data_names_the_argument(name):
+    ragged = _ragged()
+    cfg = baselines.BaselineConfig(rank=2, sparsity=2)
+    fit = baselines.BASELINES[name]
+    X = ragged.X.copy()
+    X[5, 3] = np.nan
+    with pytest.raises(ValueError, match="data.X"):
+        fit(ragged._replace(X=X), cfg)
+    with pytest.raises(ValueError, match="counts"):
+        fit(ragged._replace(counts=ragged.counts[:-1]), cfg)
+    short = ragged.counts.copy()
+    short[:2] = (0, short[0] + short[1])  # user 0: no sample
+    with pytest.raises(ValueError, match="user 0"):
+        fit(ragged._replace(counts=short), cfg)

@@ -83,8 +83,90 @@ def test_ratings_experiment_runs_ragged(tmp_path):
     )
     assert record["ragged"] is True
     rows = record["test_rmse"]
-    assert {"global_mean", "amht", "amht_selected", "low_rank_only_selected"} == set(
-        rows
-    )
+    baselines = {"low_rank_only", "sparse_only", "local_ridge", "global_model"}
+    selected = {"amht_selected", "low_rank_only_selected"}
+    assert {"global_mean", "biased_mf", "amht"} | baselines | selected == set(rows)
     assert all(np.isfinite(v) and v < 2 for v in rows.values())
-    assert "convex" in record["skipped"]
+    assert set(record["skipped"]) == {"convex"}
+    assert set(record["seconds"]) >= baselines | selected | {"selection"}
+
+
+def _tasks(tmp_path, **kwargs):
+    from lrs import datasets
+
+    path = datasets.write_standin(tmp_path, users=40, items=60, ratings=1500)
+    return datasets.load_ratings(path, ragged=True, embedding_dim=2, **kwargs)
+
+
+def test_biased_mf_is_the_als_user_step_with_a_user_bias(tmp_path):
+    """Per user: weight 1 on item_bias, (bias, factors) the ridge fit with
+    penalty reg * m_i to the rest; the same on ragged and padded tasks."""
+    import ratings
+
+    tasks = _tasks(tmp_path)
+    names = tasks.feature_names
+    params = ratings.biased_mf(tasks.train, names)
+    padded = ratings.biased_mf(tasks.train.padded(), names)
+    W = np.asarray(params.B.dense())
+    np.testing.assert_allclose(W, np.asarray(padded.B.dense()), rtol=1e-5, atol=1e-6)
+    cols = [names.index("offset"), names.index("factor:0"), names.index("factor:1")]
+    X, y, offsets = tasks.train.X, tasks.train.y, tasks.train.offsets
+    for i in (0, 17):
+        Xi, yi = X[offsets[i] : offsets[i + 1]], y[offsets[i] : offsets[i + 1]]
+        A = Xi[:, cols].astype(np.float64)
+        target = yi - Xi[:, names.index("item_bias")]
+        ridge = ratings.MF_REG * len(yi) * np.eye(3)
+        np.testing.assert_allclose(
+            W[i, cols], np.linalg.solve(A.T @ A + ridge, A.T @ target), rtol=1e-5
+        )
+        assert W[i, names.index("item_bias")] == 1
+        genres = [j for j, n in enumerate(names) if n.startswith("genre:")]
+        assert not W[i, genres].any()
+    assert ratings.biased_mf(tasks.train, ("offset",) * len(names)) is None
+    table = ratings.rmse_table(ratings.predictions(params, tasks.test), tasks)
+    assert 0 < table["all"] < 2
+
+
+def test_low_rank_part_is_the_sparsity_zero_selection():
+    import ratings
+
+    import lrs
+    from lrs import selection
+
+    def row(r, k, ridge, mse):
+        return selection.Candidate(r, k, ridge, 0.0, mse, (mse,), (3,), ("x",))
+
+    table = (row(2, 0, 1.0, 0.9), row(2, 0, 5.0, 0.8), row(2, 1, 1.0, 0.5))
+    table += (row(3, 0, 1.0, 0.8), row(3, 1, 5.0, 0.7))
+    base = lrs.AMHTConfig(2, 1, ridge=1.0, sparse_ridge=20.0, sparse_features=(1,))
+    result = selection.Selection(table, base, None, None, 1, 0.2, 0, (10,))
+    part = ratings.low_rank_part(result)
+    assert part.table == tuple(r for r in table if r.sparsity == 0)
+    expected = dict(rank=2, sparsity=0, ridge=5.0, sparse_ridge=0.0)
+    assert {name: part.chosen[name] for name in expected} == expected
+    assert part.config.sparse_features == (1,)  # the rest of the base kept
+    only_sparse = selection.Selection(table[2:3], base, None, None, 1, 0.2, 0, (10,))
+    assert ratings.low_rank_part(only_sparse) is None
+
+
+def test_grids_default_to_the_large_grid_on_ragged_tasks():
+    import types
+
+    import ratings
+
+    def args(**given):
+        names = ("ranks", "sparsities", "ridges", "sparse_ridges")
+        return types.SimpleNamespace(**dict(quick=False) | dict.fromkeys(names) | given)
+
+    for ragged, quick, grids in (
+        (True, False, ratings.LARGE_GRIDS),
+        (False, False, ratings.GRIDS),
+        (True, True, ratings.QUICK_GRIDS),
+    ):
+        a = args(quick=quick)
+        ratings.resolve_grids(a, ragged)
+        assert a.ranks == list(grids["ranks"])
+        assert a.sparse_ridges == list(grids["sparse_ridges"])
+    a = args(ranks=[4])
+    ratings.resolve_grids(a, True)
+    assert a.ranks == [4] and a.ridges == list(ratings.LARGE_GRIDS["ridges"])

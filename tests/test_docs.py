@@ -90,6 +90,7 @@ def _modules_with_examples():
     return out
 
 
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.parametrize("module_name", _modules_with_examples())
 def test_docstring_examples_run_in_float32(module_name):
     module = importlib.import_module(module_name)

@@ -22,6 +22,8 @@ from lrs.nn.nnx_personalize import personalize as nnx_personalize
 from lrs.nn.user_state import UserTable
 from lrs.studies import fair
 
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
+
 TINY = fair.Setup(
     vocab=5,
     seq_len=3,

@@ -10,6 +10,8 @@ import pytest
 import lrs
 from lrs import private
 
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
+
 D, T, M, R, K = 12, 40, 16, 2, 1
 CONFIG = lrs.AMHTConfig(rank=R, sparsity=K, num_iters=4)
 DP = private.DPConfig(epsilon=8.0, delta=1e-5)

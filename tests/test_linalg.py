@@ -15,6 +15,8 @@ from lrs.linalg import (
     top_k_indices,
 )
 
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
+
 # Tolerances scale with the unit roundoff of the dtype.
 EPS = {np.float32: 1e-5, np.float64: 1e-12}
 

@@ -14,6 +14,8 @@ from flax import nnx  # noqa: E402
 
 from lrs.nn import dp, layers, nnx_model  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
+
 N, M, D_IN, D_OUT = 40, 8, 6, 3
 
 

@@ -11,6 +11,8 @@ from lrs.nn.baseline_layers import PLoRALinear, plora_mode
 from lrs.nn.nnx_personalize import adapter_layers, personalize
 from lrs.nn.user_state import users
 
+pytestmark = pytest.mark.usefixtures("cheap_compiles")
+
 
 def _layer(dtype=jnp.float32, **kw):
     base = nnx.Linear(7, 5, param_dtype=dtype, rngs=nnx.Rngs(0))

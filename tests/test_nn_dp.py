@@ -13,6 +13,7 @@ pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
 from lrs.nn import dp, layers, nnx_model  # noqa: E402
+from lrs.private import accounting  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
@@ -247,7 +248,7 @@ def test_infinite_epsilon_is_plain_non_private_training():
 
 def test_a_sweep_over_epsilon_compiles_one_step_and_calibrates_once():
     model, (x, y) = _model(), _data()
-    dp._calibrate.cache_clear()
+    accounting._calibrate.cache_clear()
     before = dp._cached_step.cache_info()
     for eps in (2.0, 4.0, 2.0):
         config = dp.DPTrainConfig(epsilon=eps, steps=2, users_per_step=N)
@@ -255,4 +256,4 @@ def test_a_sweep_over_epsilon_compiles_one_step_and_calibrates_once():
         assert result.epsilon <= eps
     after = dp._cached_step.cache_info()
     assert after.misses - before.misses <= 1 and after.hits - before.hits >= 2
-    assert dp._calibrate.cache_info().misses == 2  # eps 2 is calibrated once
+    assert accounting._calibrate.cache_info().misses == 2  # eps 2 calibrated once

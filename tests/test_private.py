@@ -400,3 +400,18 @@ def test_step_refuses_a_foreign_mechanism(problem, config):
     state, _ = private.init(data, config, dp, key=jax.random.key(0))
     with pytest.raises(ValueError, match="mechanism must be the lrs.private.Mechanism"):
         private.step(state, data, config)
+
+
+def test_the_noise_is_calibrated_once_per_plan_and_target():
+    """The calibration (seconds, ~10 s for subsampled RDP) is cached: a fit
+    then init with the same settings, or a sweep over seeds, search once;
+    another target searches again."""
+    accounting._calibrate.cache_clear()
+    config = lrs.AMHTConfig(rank=R, sparsity=K, num_iters=3)
+    dp = private.DPConfig(epsilon=8.0, delta=1e-5)
+    first = private.noise_multiplier(config, dp, 60)
+    assert private.noise_multiplier(config, dp, 60) == first
+    assert accounting._calibrate.cache_info().misses == 1
+    other = dataclasses.replace(dp, epsilon=4.0)
+    assert private.noise_multiplier(config, other, 60) > first
+    assert accounting._calibrate.cache_info().misses == 2

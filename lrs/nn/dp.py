@@ -147,14 +147,8 @@ def noise_multiplier(config: DPTrainConfig, num_users: int) -> tuple[float, str]
     name = "rdp" if plan.subsampled else "pld"
     if config.non_private:
         return 0.0, name
-    return _calibrate(plan, float(config.epsilon), float(config.delta), name), name
-
-
-@functools.lru_cache(maxsize=64)
-def _calibrate(plan, epsilon, delta, name) -> float:
-    """:func:`lrs.private.accounting.calibrate`, once per plan and budget (the
-    search takes seconds; seeds and repeated runs reuse it)."""
-    return accounting.calibrate(plan, epsilon, delta, name)
+    # accounting.calibrate is cached: seeds and repeated runs reuse it.
+    return accounting.calibrate(plan, config.epsilon, config.delta, name), name
 
 
 def _check_inputs(model, inputs, targets) -> int:

@@ -11,6 +11,7 @@ handles, under the replace-one relation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import dp_accounting
@@ -128,9 +129,17 @@ def calibrate(plan: Plan, epsilon: float, delta: float, accountant: str) -> floa
     """The smallest noise multiplier z whose fit spends at most ``epsilon``.
 
     RDP first (fast at any z; an upper bound on the PLD epsilon, so its z is an
-    upper bound on PLD's), then PLD bracketed below it.
+    upper bound on PLD's), then PLD bracketed below it. Cached per process:
+    the same plan and target are calibrated once (a subsampled RDP
+    calibration takes about 10 s on CPU; ``private.fit`` then
+    ``private.init``, or a sweep over seeds, pay it once). Refusals are not
+    cached and raise every time.
     """
+    return _calibrate(plan, float(epsilon), float(delta), str(accountant))
 
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(plan: Plan, epsilon: float, delta: float, accountant: str) -> float:
     def search(name: str, low: float, high: float) -> float:
         return calibrate_dp_mechanism(
             lambda: make_accountant(name, plan.subsampled, low),

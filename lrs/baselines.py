@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrs import amht, shared, streaming
+from lrs import amht, ragged_blocks, shared, streaming
 from lrs.chunking import map_user_chunks
 from lrs.config import AMHTConfig
 from lrs.data import RaggedData, UserData
@@ -48,16 +48,7 @@ from lrs.linalg import spd_solve, top_k_indices
 from lrs.metrics import mean_squared_error
 from lrs.params import LRSParams, SparseRows, predict
 from lrs.peruser import (
-    UserFit,
-    chunk_size,
-    cold_supports,
     per_user_step,
-    pursue_chunk,
-    rescue_candidate,
-    rescue_count,
-    rescue_selection,
-    score_from_sums,
-    sparse_options,
 )
 from lrs.validation import (
     check_data,
@@ -192,7 +183,7 @@ def _one_shot(params: LRSParams, data: UserData, **details) -> Diagnostics:
     """The :class:`lrs.Diagnostics` of a baseline without iterations: one
     entry, its training loss (mean squared residual), ``details`` as numpy."""
     if isinstance(data, RaggedData):
-        residual = predict(params, data.X, _sample_users(data)) - data.y
+        residual = predict(params, data.X, ragged_blocks.sample_users(data)) - data.y
         loss = float(jnp.mean(residual * residual))
     else:
         loss = float(mean_squared_error(params, data))
@@ -204,6 +195,9 @@ def _one_shot(params: LRSParams, data: UserData, **details) -> Diagnostics:
 
 
 # ----------------------------------------------------------------- low rank only
+
+RAGGED_CHUNK_USERS = 512
+"""Users per chunk of :func:`low_rank_only`'s streamed fit on ragged data."""
 
 
 def low_rank_only(data: UserData | RaggedData, config, *, key=None):
@@ -257,7 +251,7 @@ def sparse_only(data: UserData | RaggedData, config, *, key=None):
     if k == 0:
         zero = jnp.zeros((data.num_users, 0), data.X.dtype)
         if ragged:
-            sq_y = _user_sums(data, lambda X, y, u: y * y)
+            sq_y = ragged_blocks.user_sums(data, lambda X, y, u: y * y)
         else:
             sq_y = jnp.sum(_masked(data)[1] ** 2, 1)
         B = SparseRows(zero.astype(jnp.int32), zero, data.dim)
@@ -265,7 +259,7 @@ def sparse_only(data: UserData | RaggedData, config, *, key=None):
         return params, _one_shot(params, data, sq_residual=sq_y)
     # num_iters does not matter here: fixed, so one compiled program serves all
     cfg = dataclasses.replace(_amht_config(config, 1, k), init="moments", num_iters=0)
-    fits = _sparse_fits_ragged if ragged else _sparse_fits
+    fits = ragged_blocks.sparse_fits if ragged else _sparse_fits
     support, values, sq_res = fits(data, cfg)
     params = LRSParams(U, V, SparseRows(support, values, data.dim))
     return params, _one_shot(params, data, sq_residual=sq_res)
@@ -318,7 +312,7 @@ def local_ridge(data: UserData | RaggedData, config, *, key=None):
     cfg = _baseline_config(config)
     data = _check(data, 0, 1)
     if isinstance(data, RaggedData):
-        coef, alpha, loo = _ridge_ragged(data, np.asarray(cfg.ridge_grid))
+        coef, alpha, loo = ragged_blocks.ridge_fits(data, np.asarray(cfg.ridge_grid))
     else:
         grid = jnp.asarray(cfg.ridge_grid, data.X.dtype)
         coef, alpha, loo = _ridge_all(data, grid)
@@ -372,8 +366,10 @@ def global_model(data: UserData | RaggedData, config, *, key=None):
         rounds += 1
         residual = _with_y(data, data.y - _linear_y(data, w))
         if isinstance(data, RaggedData):  # pad the users' X once, not per round
-            blocks = _blocks(residual) if blocks is None else blocks
-            B = _sparse_rows_ragged(residual, cfg, _with_targets(residual, blocks))
+            blocks = ragged_blocks.padded_blocks(residual) if blocks is None else blocks
+            B = _sparse_rows_ragged(
+                residual, cfg, ragged_blocks.with_targets(residual, blocks)
+            )
         else:
             B = sparse_only(residual, dataclasses.replace(cfg, rank=1))[0].B
         w_old, w = w, _pooled(_with_y(data, data.y - _sparse_y(data, B)))
@@ -392,7 +388,7 @@ def _sparse_rows_ragged(data: RaggedData, cfg: BaselineConfig, blocks):
     """:func:`sparse_only`'s ``B`` on checked ragged data padded in ``blocks``."""
     k = cfg.sparsity
     amht_cfg = dataclasses.replace(_amht_config(cfg, 1, k), init="moments", num_iters=0)
-    support, values, _ = _sparse_fits_ragged(data, amht_cfg, blocks)
+    support, values, _ = ragged_blocks.sparse_fits(data, amht_cfg, blocks)
     return SparseRows(support, values, data.dim)
 
 
@@ -421,7 +417,7 @@ def _linear_y(data, w) -> jax.Array | np.ndarray:
 def _sparse_y(data, B: SparseRows) -> jax.Array | np.ndarray:
     """``<x_ij, b_i>``: ``(t, m)`` padded, ``(N,)`` ragged."""
     if isinstance(data, RaggedData):
-        users = _sample_users(data)
+        users = ragged_blocks.sample_users(data)
         idx, values = np.asarray(B.indices)[users], np.asarray(B.values)[users]
         return np.sum(np.take_along_axis(data.X, idx, axis=1) * values, axis=1)
     return shared.sparse_predictions(data.X, B.indices, B.values)
@@ -607,186 +603,6 @@ def oracle(data: UserData, config, *, key=None, U, passes: int = 10):
     B = SparseRows(fits.support, fits.b, data.dim)
     params = LRSParams(U, fits.v, B)
     return params, _one_shot(params, data, sq_residual=fits.sq_residual)
-
-
-# ------------------------------------------------------------ ragged data
-
-RAGGED_CHUNK_USERS = 512
-"""Users per chunk of :func:`low_rank_only`'s streamed fit on ragged data."""
-_BLOCK_BYTES = 64 * 2**20  # X of one padded block of users (ragged data)
-_SUM_ROWS = 2**15  # samples per step of the per-user sums
-
-
-def _sample_users(data: RaggedData) -> np.ndarray:
-    """``(N,)`` the user of each sample."""
-    return np.repeat(np.arange(data.num_users), data.counts)
-
-
-def _user_sums(data: RaggedData, fn) -> np.ndarray:
-    """``(t, ...)`` sums over each user's samples of ``fn(X, y, users)``
-    (``(n, ...)`` values of ``n`` samples, given with their users), by
-    ``np.add.reduceat`` on ``_SUM_ROWS`` samples at a time."""
-    offsets, n, owner = data.offsets, data.X.shape[0], _sample_users(data)
-    out = None
-    for start in range(0, max(n, 1), _SUM_ROWS):
-        stop = min(start + _SUM_ROWS, n)
-        rows = slice(start, stop)
-        values = np.asarray(fn(data.X[rows], data.y[rows], owner[rows]))
-        if out is None:
-            out = np.zeros((data.num_users,) + values.shape[1:], values.dtype)
-        users = np.flatnonzero((offsets[:-1] < stop) & (offsets[1:] > start))
-        if users.size:
-            first = np.maximum(offsets[users], start) - start
-            out[users] += np.add.reduceat(values, first, axis=0)
-    return out
-
-
-def _width(count: int) -> int:
-    """Samples of a block: ``count`` rounded up to a power of two."""
-    return 1 << max(int(count) - 1, 0).bit_length()
-
-
-def _pad(data: RaggedData, users: np.ndarray, m: int) -> UserData:
-    """``users`` as a padded :class:`UserData` of ``m`` samples per user."""
-    row, column, source = data.positions(users)
-    X = np.zeros((len(users), m, data.dim), data.X.dtype)
-    y = np.zeros((len(users), m), data.X.dtype)
-    mask = np.zeros((len(users), m), bool)
-    X[row, column], y[row, column] = data.X[source], data.y[source]
-    mask[row, column] = True
-    return UserData(jnp.asarray(X), jnp.asarray(y), jnp.asarray(mask))
-
-
-def _blocks(data: RaggedData) -> list:
-    """``[(users, block)]``: users of the same :func:`_width`, padded to it, at
-    most ``_BLOCK_BYTES`` of ``X`` a block (at least one user)."""
-    users = np.arange(data.num_users)
-    widths = np.array([_width(c) for c in data.counts])
-    blocks = []
-    for m in np.unique(widths):
-        group = users[widths == m]
-        per = max(1, _BLOCK_BYTES // (int(m) * data.dim * data.X.dtype.itemsize))
-        for part in np.array_split(group, -(-len(group) // per)):
-            blocks.append((part, _pad(data, part, int(m))))
-    return blocks
-
-
-def _with_targets(data: RaggedData, blocks: list) -> list:
-    """``blocks`` of an earlier :func:`_blocks` call with ``data.y`` as
-    targets (only ``y`` is copied again: the same ``X`` and users)."""
-    out = []
-    for users, block in blocks:
-        row, column, source = data.positions(users)
-        y = np.zeros(block.y.shape, data.y.dtype)
-        y[row, column] = data.y[source]
-        out.append((users, block._replace(y=jnp.asarray(y))))
-    return out
-
-
-def _per_block(data: RaggedData, fn, blocks: list | None = None):
-    """``fn(block)`` (per-user outputs) on every block (``blocks`` of
-    ``data``, default :func:`_blocks`), as ``(t, ...)`` numpy arrays."""
-    out = None
-    for users, block in _blocks(data) if blocks is None else blocks:
-        part = jax.tree.map(np.asarray, fn(block))
-        if out is None:
-            out = jax.tree.map(
-                lambda a: np.zeros((data.num_users,) + a.shape[1:], a.dtype), part
-            )
-        for buffer, value in zip(jax.tree.leaves(out), jax.tree.leaves(part)):
-            buffer[users] = value
-    return out
-
-
-@functools.partial(jax.jit, static_argnames=("config", "steps"))
-def _pursue_block(data: UserData, config: AMHTConfig, steps: int) -> UserFit:
-    """:func:`_sparse_fits`'s pursuit on one block (its rescue comes after,
-    over all users)."""
-    U = jnp.zeros((data.dim, 0), data.X.dtype)
-    warm, opts = cold_supports(data, U, config), sparse_options(config, data.dim)
-
-    def fn(args, fresh):
-        X, y, mask, support = args
-        fits, _ = pursue_chunk(X, y, mask, support, U, steps, config.ridge, **opts)
-        return fits, None
-
-    args = (data.X, data.y, data.mask, warm)
-    return map_user_chunks(fn, args, chunk_size(data, config))[0]
-
-
-@functools.partial(jax.jit, static_argnames=("config", "start"))
-def _rescue_block(data: UserData, fits: UserFit, config: AMHTConfig, start: str):
-    """One candidate (``'cold'`` or ``'l1'``) of the rescue on one block: one
-    chain of batched factorizations per program, as the streamed fit (two
-    chains in one program can deadlock XLA:CPU's pool, docs/scale.md)."""
-    U = jnp.zeros((data.dim, 0), data.X.dtype)
-
-    def fn(args, fresh):
-        return rescue_candidate(*args[:3], U, args[3], config, start), None
-
-    args = (data.X, data.y, data.mask, fits)
-    return map_user_chunks(fn, args, chunk_size(data, config))[0]
-
-
-def _sparse_fits_ragged(data: RaggedData, config: AMHTConfig, blocks=None):
-    """:func:`_sparse_fits` on ragged data: the pursuit block by block
-    (``blocks``: those of ``data`` when already padded), then the rescue of
-    the worst users of all (the same rule, the same fits)."""
-    steps = config.inner_steps + 6
-    pursue = functools.partial(_pursue_block, config=config, steps=steps)
-    fits = _per_block(data, pursue, blocks)
-    n = rescue_count(data.num_users, config)
-    score = score_from_sums(fits.sq_residual, _user_sums(data, lambda X, y, u: y * y))
-    worst, run = rescue_selection(score, n)
-    if n and bool(run):
-        _rescue_ragged(data, fits, np.asarray(worst), config)
-    return fits.support, fits.b, fits.sq_residual
-
-
-def _rescue_ragged(data: RaggedData, fits: UserFit, worst, config) -> None:
-    """The rescue of the users ``worst`` into ``fits`` (numpy, in place), by
-    width class, each padded to a power-of-two number of users (repeats of
-    its first user, discarded): few shapes, so few compiles over the rounds
-    of :func:`global_model`; the rescue is per user, so the same fits."""
-    widths = np.array([_width(c) for c in data.counts[worst]])
-    for m in np.unique(widths):
-        users = worst[widths == m]
-        filled = np.concatenate([users, np.repeat(users[:1], _width(len(users)))])
-        filled = filled[: _width(len(users))]
-        block = _pad(data, filled, int(m))
-        better = jax.tree.map(lambda a: jnp.asarray(a[filled]), fits)
-        for start in ("cold", "l1") if config.l1_steps > 0 else ("cold",):
-            better = _rescue_block(block, better, config, start)
-        for buffer, value in zip(fits, better):
-            buffer[users] = np.asarray(value)[: len(users)]
-
-
-def _ridge_ragged(data: RaggedData, grid: np.ndarray):
-    """:func:`_ridge_all` from per-user sums: ``G_i = X_i^T X_i = Q S Q^T``,
-    then each sample's leverage ``sum_p (q_p^T x)^2 / (s_p + lam)`` and fitted
-    value under every penalty of ``grid``, summed by user."""
-    dtype = data.X.dtype
-    G = _user_sums(data, lambda X, y, u: X[:, :, None] * X[:, None, :])
-    s, Q = np.linalg.eigh(G)
-    s = np.maximum(s, 0)
-    scale = np.trace(G, axis1=1, axis2=2) / data.dim + np.finfo(dtype).tiny
-    lam = (grid.astype(dtype) * scale[:, None])[:, :, None]  # (t, A, 1)
-    c = np.einsum("tde,td->te", Q, _user_sums(data, lambda X, y, u: X * y[:, None]))
-    inverse = 1 / (s[:, None, :] + lam)  # (t, A, d)
-    eps = np.finfo(dtype).eps
-
-    def loo_rows(X, y, u):
-        z = np.einsum("nd,nde->ne", X, Q[u])
-        leverage = np.einsum("ne,nae->na", z * z, inverse[u])
-        fitted = np.einsum("ne,nae->na", z * c[u], inverse[u])
-        gap = np.maximum(1 - leverage, eps)
-        return ((y[:, None] - fitted) / gap) ** 2
-
-    err = _user_sums(data, loo_rows) / np.maximum(data.counts, 1)[:, None]
-    best = np.argmin(err, axis=1)
-    t = np.arange(data.num_users)
-    coef = np.einsum("tde,te->td", Q, c * inverse[t, best])
-    return jnp.asarray(coef), jnp.asarray(grid[best], dtype), err[t, best]
 
 
 BASELINES = {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lrs
-from lrs import baselines
+from lrs import baselines, ragged_blocks
 
 pytestmark = pytest.mark.usefixtures("cheap_compiles")
 
@@ -207,7 +207,7 @@ RAGGED_CASES = [
 def test_ragged_data_gives_the_padded_fit(name, dtype, fine_tune, monkeypatch):
     """The same fit on RaggedData as on its padded form: float64 to 1e-8.
     Tiny sum steps, so users straddle them."""
-    monkeypatch.setattr(baselines, "_SUM_ROWS", 37)
+    monkeypatch.setattr(ragged_blocks, "_SUM_ROWS", 37)
     ragged = _ragged(dtype)
     cfg = baselines.BaselineConfig(rank=2, sparsity=2, num_iters=8, fine_tune=fine_tune)
     fit = baselines.BASELINES[name]
@@ -252,14 +252,14 @@ def test_ragged_sparse_only_rescues_the_worst_users(monkeypatch):
     users (not block by block), and gives the padded fits; blocks of a few
     users (width classes split into several blocks) change nothing."""
     rescued = []
-    rescue = baselines._rescue_block
+    rescue = ragged_blocks.rescue_block
 
     def counted(block, *args, **kwargs):
         rescued.append(block.X.shape[0])
         return rescue(block, *args, **kwargs)
 
-    monkeypatch.setattr(baselines, "_rescue_block", counted)
-    monkeypatch.setattr(baselines, "_BLOCK_BYTES", 8000)
+    monkeypatch.setattr(ragged_blocks, "rescue_block", counted)
+    monkeypatch.setattr(ragged_blocks, "_BLOCK_BYTES", 8000)
     ragged, _ = _sparse_users(_ragged(noise=0.0), hard=(3, 11, 20))
     cfg = baselines.BaselineConfig(sparsity=2)
     params, diag = baselines.sparse_only(ragged, cfg)

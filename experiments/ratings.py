@@ -65,20 +65,23 @@ STANDINS = {  # write_standin strengths of the planted taste
     "low_rank": dict(low_rank=0.5, sparse=0.0),
     "none": dict(low_rank=0.0, sparse=0.0),
 }
-# The selection grids (--ranks, --sparsities, --ridges, --sparse-ridges).
+# The selection grids (--ranks, --sparsities, --ridges, --sparse-ridges,
+# --significances: the per-user sparsity rule's level, 0 = every user keeps k).
 GRIDS = dict(
     ranks=(2, 3, 5), sparsities=(0, 1, 2, 3), ridges=(1.0, 5.0, 20.0),
-    sparse_ridges=(5.0, 20.0, 50.0),
+    sparse_ridges=(5.0, 20.0, 50.0), significances=(0.0, 3.0),
 )  # fmt: skip
 QUICK_GRIDS = dict(
-    ranks=(2, 5), sparsities=(0, 1, 3), ridges=(1.0, 5.0), sparse_ridges=(20.0,)
-)
-# Ragged (large) tasks: 8 candidates instead of 99, each a fit of every user
+    ranks=(2, 5), sparsities=(0, 1, 3), ridges=(1.0, 5.0), sparse_ridges=(20.0,),
+    significances=(0.0, 3.0),
+)  # fmt: skip
+# Ragged (large) tasks: 12 candidates instead of 171, each a fit of every user
 # (measured on the ML-1M-size stand-in: about 45 s a candidate with the
 # full grid's 500-rating cap; docs/results.md).
 LARGE_GRIDS = dict(
-    ranks=(3, 5), sparsities=(0, 2), ridges=(5.0, 20.0), sparse_ridges=(20.0,)
-)
+    ranks=(3, 5), sparsities=(0, 2), ridges=(5.0, 20.0), sparse_ridges=(20.0,),
+    significances=(0.0, 3.0),
+)  # fmt: skip
 # Latest training ratings per user in the selection's padded inner tasks when
 # the tasks are ragged and neither --selection-max-train nor --max-train is set.
 SELECTION_CAP = 200
@@ -238,6 +241,7 @@ def selected(inner, args, sparse: bool):
         sparsities=sparsities,
         ridges=tuple(args.ridges),
         sparse_ridges=tuple(args.sparse_ridges),
+        significances=tuple(args.significances),
         validation=inner.test,
         key=jax.random.key(args.seed),
         refit=False,
@@ -395,6 +399,7 @@ def main(argv=None):
     p.add_argument("--sparsities", type=int, nargs="+", default=None, help=grids)
     p.add_argument("--ridges", type=float, nargs="+", default=None, help=grids)
     p.add_argument("--sparse-ridges", type=float, nargs="+", default=None, help=grids)
+    p.add_argument("--significances", type=float, nargs="+", default=None, help=grids)
     p.add_argument(
         "--max-train",
         type=int,

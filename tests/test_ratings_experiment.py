@@ -155,7 +155,7 @@ def test_grids_default_to_the_large_grid_on_ragged_tasks():
     import ratings
 
     def args(**given):
-        names = ("ranks", "sparsities", "ridges", "sparse_ridges")
+        names = ("ranks", "sparsities", "ridges", "sparse_ridges", "significances")
         return types.SimpleNamespace(**dict(quick=False) | dict.fromkeys(names) | given)
 
     for ragged, quick, grids in (

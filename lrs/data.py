@@ -203,6 +203,12 @@ class UserData(NamedTuple):
         return users[mask], np.asarray(self.X)[mask], np.asarray(self.y)[mask]
 
 
+def padded_width(count: int) -> int:
+    """``count`` samples rounded up to a power of two: the padded width of a
+    block of ragged users (a few distinct shapes, at most 2x the samples)."""
+    return 1 << max(int(count) - 1, 0).bit_length()
+
+
 class RaggedData(NamedTuple):
     """Per-user regression data without padding: every user's samples stored
     one after the other (host numpy arrays); a pytree.

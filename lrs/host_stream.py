@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrs import sharding
-from lrs.data import UserData, float_dtype
+from lrs.data import UserData, float_dtype, padded_width
 
 __all__ = ["RaggedStream", "Samples", "Stream", "drain", "rows_count"]
 
@@ -151,8 +151,7 @@ class RaggedStream(Stream):
 
     def width(self, rows) -> int:
         """``m_b``: the chunk's largest count rounded up to a power of two."""
-        largest = int(self.data.counts[rows].max(initial=1))
-        return 1 << max(largest - 1, 0).bit_length()
+        return padded_width(self.data.counts[rows].max(initial=1))
 
     def _load(self, rows, per_user, data: bool):
         n, m = len(rows), self.width(rows)

@@ -640,8 +640,9 @@ def pursue_chunk(
     columns=None,
     significance=0.0,
 ) -> tuple[UserFit, UserCache]:
-    """:func:`pursue_masked` and the fits' :class:`UserCache` (``columns``:
-    those of ``support``, when known)."""
+    """:func:`pursue` on padded data ``X (n, m, d)``, ``y, mask (n, m)``, and
+    the fits' :class:`UserCache` (``columns``: those of ``support``, when
+    known)."""
     A, y = _low_rank_columns(X, y, mask, U)
     fits, residual, columns = _pursue(
         A, X, y, support, steps, ridge, sparse_ridge, allowed, mask, columns,
@@ -649,24 +650,6 @@ def pursue_chunk(
     )  # fmt: skip
     low_rank = jnp.einsum("nmr,nr->nm", A, fits.v)
     return fits, UserCache(residual, low_rank, columns)
-
-
-def pursue_masked(
-    X,
-    y,
-    mask,
-    support,
-    U,
-    steps,
-    ridge=0.0,
-    *,
-    sparse_ridge=0.0,
-    allowed=None,
-    significance=0.0,
-) -> UserFit:
-    """:func:`pursue` on padded data ``X (n, m, d)``, ``y, mask (n, m)``."""
-    opts = dict(sparse_ridge=sparse_ridge, allowed=allowed, significance=significance)
-    return pursue_chunk(X, y, mask, support, U, steps, ridge, **opts)[0]
 
 
 def support_columns(X, mask, support) -> jax.Array:

@@ -2,7 +2,7 @@
 computations of the baselines on them.
 
 A :class:`lrs.RaggedData` is cut into blocks of users whose counts round up
-to the same power of two (:func:`width`), each padded to it (at most
+to the same power of two (``padded_width``), each padded to it (at most
 ``_BLOCK_BYTES`` of ``X`` a block): memory follows the number of samples, not
 ``t m_max``. Per-user sums over the samples (:func:`user_sums`) need no
 padding at all. :mod:`lrs.baselines` runs its ragged paths through these.
@@ -18,7 +18,7 @@ import numpy as np
 
 from lrs.chunking import map_user_chunks
 from lrs.config import AMHTConfig
-from lrs.data import RaggedData, UserData
+from lrs.data import RaggedData, UserData, padded_width
 from lrs.peruser import (
     UserFit,
     chunk_size,
@@ -59,11 +59,6 @@ def user_sums(data: RaggedData, fn) -> np.ndarray:
     return out
 
 
-def width(count: int) -> int:
-    """Samples of a block: ``count`` rounded up to a power of two."""
-    return 1 << max(int(count) - 1, 0).bit_length()
-
-
 def pad(data: RaggedData, users: np.ndarray, m: int) -> UserData:
     """``users`` as a padded :class:`UserData` of ``m`` samples per user."""
     row, column, source = data.positions(users)
@@ -76,10 +71,10 @@ def pad(data: RaggedData, users: np.ndarray, m: int) -> UserData:
 
 
 def padded_blocks(data: RaggedData) -> list:
-    """``[(users, block)]``: users of the same :func:`width`, padded to it, at
-    most ``_BLOCK_BYTES`` of ``X`` a block (at least one user)."""
+    """``[(users, block)]``: users of the same ``padded_width``, padded to
+    it, at most ``_BLOCK_BYTES`` of ``X`` a block (at least one user)."""
     users = np.arange(data.num_users)
-    widths = np.array([width(c) for c in data.counts])
+    widths = np.array([padded_width(c) for c in data.counts])
     blocks = []
     for m in np.unique(widths):
         group = users[widths == m]
@@ -167,11 +162,11 @@ def rescue_users(data: RaggedData, fits: UserFit, worst, config) -> None:
     width class, each padded to a power-of-two number of users (repeats of
     its first user, discarded): few shapes, so few compiles over the rounds
     of :func:`lrs.baselines.global_model`; the rescue is per user, so the same fits."""
-    widths = np.array([width(c) for c in data.counts[worst]])
+    widths = np.array([padded_width(c) for c in data.counts[worst]])
     for m in np.unique(widths):
         users = worst[widths == m]
-        filled = np.concatenate([users, np.repeat(users[:1], width(len(users)))])
-        filled = filled[: width(len(users))]
+        filled = np.concatenate([users, np.repeat(users[:1], padded_width(len(users)))])
+        filled = filled[: padded_width(len(users))]
         block = pad(data, filled, int(m))
         better = jax.tree.map(lambda a: jnp.asarray(a[filled]), fits)
         for start in ("cold", "l1") if config.l1_steps > 0 else ("cold",):
